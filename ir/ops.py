@@ -1,0 +1,53 @@
+"""The op set. One enum, grouped by phase like tinygrad's: what the tracer emits, and what passes introduce.
+
+Traced programs use only the primitive groups. Passes raise recognised subgraphs into FUSED_* ops (one kernel
+each) and lower high-level ops (MOE) into the forms a code generator consumes.
+"""
+from __future__ import annotations
+
+from enum import Enum, auto
+
+
+class Op(Enum):
+    # leaves
+    INPUT = auto()       # arg: input name; a runtime value (token ids, positions, cache rows)
+    WEIGHT = auto()      # arg: WeightRef; a named constant tensor held by the weight store
+    CONST = auto()       # arg: python scalar; shape () (broadcast by consumers)
+    ARANGE = auto()      # arg: None; shape (n,), values 0..n-1 (n may be symbolic)
+    # elementwise
+    NEG = auto(); EXP = auto(); LOG = auto(); SQRT = auto(); RSQRT = auto(); RECIP = auto()
+    SIGMOID = auto(); SILU = auto(); COS = auto(); SIN = auto()
+    CAST = auto()        # arg: target DType
+    ADD = auto(); SUB = auto(); MUL = auto(); DIV = auto(); MAX = auto(); CMPLT = auto()
+    WHERE = auto()
+    # reductions over one axis, keepdims (arg: axis)
+    SUM = auto(); RMAX = auto()
+    # movement
+    RESHAPE = auto()     # arg: new shape
+    PERMUTE = auto()     # arg: axis order
+    EXPAND = auto()      # arg: new shape (broadcast size-1 dims)
+    SLICE = auto()       # arg: (axis, start, stop); start/stop may be symbolic
+    CONCAT = auto()      # arg: axis
+    # indexing and selection
+    GATHER = auto()      # src: (table [N, ...], idx int [...]); rows of table: shape idx.shape + table.shape[1:]
+    TAKE = auto()        # src: (x [..., n], idx int [..., k]); take_along_axis on the last axis
+    TOPK = auto()        # arg: k; indices (i32) of the k largest along the last axis, largest first
+    # linear algebra
+    MATMUL = auto()      # batched a[..., m, k] @ b[..., k, n] (numpy broadcasting on batch dims)
+    LINEAR = auto()      # x[..., K] @ W[N, K]^T with W a WEIGHT in any storage format
+    MOE = auto()         # src: (x [T,H], idx [T,k], w [T,k], gate_0, up_0, down_0, ...): routed SwiGLU experts
+    # fused kernels introduced by passes
+    RMSNORM = auto()     # src: (x, weight); arg: eps
+    SOFTMAX = auto()     # arg: axis
+    SWIGLU = auto()      # src: (gate, up); silu(gate) * up
+    ROPE = auto()        # src: (x [..., d], cos [.., d/2], sin [.., d/2]); interleaved-pair rotation
+
+
+LEAVES = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST, Op.ARANGE})
+UNARY = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.RECIP, Op.SIGMOID, Op.SILU, Op.COS, Op.SIN,
+                   Op.CAST})
+BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.CMPLT})
+ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
+REDUCE = frozenset({Op.SUM, Op.RMAX})
+MOVEMENT = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.CONCAT})
+FUSED = frozenset({Op.RMSNORM, Op.SOFTMAX, Op.SWIGLU, Op.ROPE})
