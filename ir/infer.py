@@ -224,6 +224,31 @@ def _rope(src, arg):
     return x.dtype, x.shape
 
 
+@rule(Op.ATTENTION)
+def _attention(src, scale):
+    q, k, v, pos = src
+    n, h, d = q.shape
+    if k.ndim != 3 or k.shape[2] != d or k.shape[1] not in (1, h) or v.shape[:2] != k.shape[:2] or pos.shape != (n,):
+        raise _fail("attention", "needs q[N,H,D], k[S,Hk,D], v[S,Hk,Dv], positions[N] with Hk 1 or H", q, k, v, pos)
+    return q.dtype, (n, h, v.shape[2])
+
+
+@rule(Op.MLA_ATTENTION)
+def _mla_attention(src, scale):
+    q_lat, q_pe, latent, k_pe, pos = src
+    n, h, c = q_lat.shape
+    if (q_pe.shape[:2] != (n, h) or latent.shape[1] != c or k_pe.shape[0] != latent.shape[0]
+            or k_pe.shape[1] != q_pe.shape[2] or pos.shape != (n,)):
+        raise _fail("mla_attention", "needs q_lat[N,H,C], q_pe[N,H,R], latent[S,C], k_pe[S,R], positions[N]",
+                    q_lat, q_pe, latent, k_pe, pos)
+    return q_lat.dtype, (n, h, c)
+
+
+@rule(Op.KERNEL)
+def _kernel(src, body):
+    return body.out.dtype, body.out.shape
+
+
 def leaf_type_ok(node: Node) -> bool:
     """Leaves are typed at construction; check their args are of the right kind."""
     if node.op == Op.WEIGHT:

@@ -123,6 +123,44 @@ def _rope(node, args, env):
     return out
 
 
+def _causal_softmax(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """scores [H, N, S]; key j is visible to query i iff j <= positions[i]."""
+    visible = np.arange(scores.shape[-1])[None, :] <= positions[:, None]
+    scores = np.where(visible, scores, -np.inf)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@impl(Op.ATTENTION)
+def _attention(node, args, env):
+    q, k, v, pos = args
+    q, k, v = (np.transpose(t, (1, 0, 2)) for t in (q, k, v))   # [H, N|S, D]
+    probs = _causal_softmax((q @ np.swapaxes(k, 1, 2)) * np.float32(node.arg), pos)
+    return np.transpose(probs @ v, (1, 0, 2)).astype(np.float32)
+
+
+@impl(Op.MLA_ATTENTION)
+def _mla_attention(node, args, env):
+    q_lat, q_pe, latent, k_pe, pos = args
+    scores = np.einsum("nhc,sc->hns", q_lat, latent) + np.einsum("nhr,sr->hns", q_pe, k_pe)
+    probs = _causal_softmax(scores * np.float32(node.arg), pos)
+    return np.einsum("hns,sc->nhc", probs, latent).astype(np.float32)
+
+
+@impl(Op.KERNEL)
+def _kernel(node, args, env):
+    body = Program("kernel", tuple(), (("out", node.arg.out),))
+    values: dict[int, np.ndarray] = {}
+    for n in body.toposort():
+        if n.op == Op.INPUT:
+            values[id(n)] = args[int(n.arg[2:])]
+        elif n.op == Op.CONST:
+            values[id(n)] = np.asarray(n.arg, dtype=n.dtype.numpy)
+        else:
+            values[id(n)] = _IMPLS[n.op](n, [values[id(s)] for s in n.src], env)
+    return values[id(node.arg.out)]
+
+
 def bind_symbols(program: Program, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Bind T, P, ... from the actual input shapes and check every input against its declared type."""
     env: dict[str, int] = {}

@@ -47,6 +47,17 @@ class WeightRef:
         return f'"{self.name}" {self.fmt}'
 
 
+@dataclass(frozen=True)
+class FusedBody:
+    """The body of a KERNEL node: an elementwise graph whose leaves are INPUT nodes named "in0".."inK-1"
+    (typed like the KERNEL's operands, in order) plus CONSTs, and whose value is `out`. Shapes broadcast."""
+
+    out: "Node"
+
+    def __str__(self) -> str:
+        return "fused"
+
+
 class Node:
     __slots__ = ("op", "dtype", "shape", "src", "arg", "__weakref__")
     _cache: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()

@@ -41,6 +41,11 @@ class Op(Enum):
     SOFTMAX = auto()     # arg: axis
     SWIGLU = auto()      # src: (gate, up); silu(gate) * up
     ROPE = auto()        # src: (x [..., d], cos [.., d/2], sin [.., d/2]); interleaved-pair rotation
+    ATTENTION = auto()   # src: (q [N,H,D], k [S,Hk,D], v [S,Hk,Dv], positions i32[N]); arg: scale. Hk in {1, H}.
+                         #   causal: query i sees key j iff j <= positions[i]
+    MLA_ATTENTION = auto()  # src: (q_lat [N,H,C], q_pe [N,H,R], latent [S,C], k_pe [S,R], positions i32[N]);
+                            #   arg: scale. score = q_lat.latent + q_pe.k_pe; out = softmax(score) @ latent [N,H,C]
+    KERNEL = auto()      # src: the fused chain's operands; arg: FusedBody (an elementwise graph over them)
 
 
 LEAVES = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST, Op.ARANGE})
@@ -50,4 +55,4 @@ BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.CMPLT})
 ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
 REDUCE = frozenset({Op.SUM, Op.RMAX})
 MOVEMENT = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.CONCAT})
-FUSED = frozenset({Op.RMSNORM, Op.SOFTMAX, Op.SWIGLU, Op.ROPE})
+FUSED = frozenset({Op.RMSNORM, Op.SOFTMAX, Op.SWIGLU, Op.ROPE, Op.ATTENTION, Op.MLA_ATTENTION, Op.KERNEL})
