@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`. Both are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DZC := $(VENV)/bin/dzc
+STAMP := $(VENV)/.dzc-installed
+DEMO_MODEL := examples/demo-model
+DEMO_OUT := build/demo-cpu
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# Re-install when the dependency list changes; the editable install picks up source edits by itself.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(DZC) compile $(DEMO_MODEL) --target cpu -o $(DEMO_OUT)
+	$(DZC) run $(DEMO_OUT) --prompt "Once upon a time" --max-tokens 64 --seed 1
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,3 @@
+from dzc.cli import main
+
+raise SystemExit(main())
