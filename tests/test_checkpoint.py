@@ -114,7 +114,7 @@ def test_rope_matches_transformers(rope):
 
 
 BAD_CONFIGS = [
-    ({"model_type": "llama"}, "model_type 'llama' is not supported (supported: deepseek_v3)"),
+    ({"model_type": "llama"}, "model_type 'llama' is not supported (supported: deepseek_v3, kimi_k2)"),
     ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
     ({"hidden_size": None}, "'hidden_size' must be an integer"),
     ({"hidden_size": -7168}, "'hidden_size' must be >= 1"),
@@ -532,7 +532,7 @@ BAD_CHECKPOINTS = [
     ("truncated shard", lambda f: tm.truncate_file(tm.safetensors_files(f)[0], 100),
      CheckpointError, "past the"),
     ("architecture", lambda f: _edit_json(f / "config.json", lambda d: d.update(model_type="mixtral")),
-     ConfigError, "config.json: model_type 'mixtral' is not supported (supported: deepseek_v3)"),
+     ConfigError, "config.json: model_type 'mixtral' is not supported (supported: deepseek_v3, kimi_k2)"),
     ("config key missing", lambda f: _edit_json(f / "config.json", lambda d: d.pop("kv_lora_rank")),
      ConfigError, "config.json: required key 'kv_lora_rank' is missing"),
     ("config nonsense", lambda f: _edit_json(f / "config.json", lambda d: d.update(n_group=3)),
@@ -577,3 +577,11 @@ def test_bad_paths(tmp_path, tiny_bf16):
         Checkpoint.open(folder)
     with pytest.raises(CheckpointError, match="not in this checkpoint"):
         Checkpoint.open(tiny_bf16).f32("model.layers.9.nothing")
+
+
+def test_kimi_k2_model_type_is_the_deepseek_v3_architecture(tmp_path, tiny_qlora_yarn):
+    folder = tm.copy_checkpoint(tiny_qlora_yarn, tmp_path / "kimi")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "kimi_k2"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert Checkpoint.open(folder).config.num_hidden_layers == cfg["num_hidden_layers"]
