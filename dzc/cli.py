@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save float32 [generated, vocab]: row i holds the logits that chose token i")
     run.set_defaults(func=cmd_run)
 
+    from dzc.cli_ir import add_ir_parser
     from dzc.cli_serve import add_serve_parser
+    add_ir_parser(sub)
     add_serve_parser(sub)
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text file, scored like llama-perplexity")

@@ -260,3 +260,48 @@ def leaf_type_ok(node: Node) -> bool:
     return isinstance(node.arg, str)
 
 
+
+
+# ---- grouped MoE (passes/lower_moe.py) -----------------------------------------------------------------------------
+def _routing(op: str, idx: Node, n_experts: Any) -> None:
+    if (idx.dtype != DType.I32 or idx.ndim != 2 or not isinstance(idx.shape[1], int)
+            or not isinstance(n_experts, int) or n_experts < 1):
+        raise _fail(op, f"needs i32 idx[N, k] and a positive expert count (got {n_experts!r})", idx)
+
+
+@rule(Op.MOE_SORT)
+def _moe_sort(src, n_experts):
+    (idx,) = src
+    _routing("moe_sort", idx, n_experts)
+    return DType.I32, (numel(idx.shape),)
+
+
+@rule(Op.MOE_OFFSETS)
+def _moe_offsets(src, n_experts):
+    (idx,) = src
+    _routing("moe_offsets", idx, n_experts)
+    return DType.I32, (n_experts + 1,)
+
+
+@rule(Op.GROUPED_SWIGLU)
+def _grouped_swiglu(src, n_experts):
+    xs, ws, offsets, *experts = src
+    ok = (xs.dtype == DType.F32 and xs.ndim == 2 and ws.dtype == DType.F32 and ws.shape == xs.shape[:1]
+          and offsets.dtype == DType.I32 and offsets.shape == (n_experts + 1,) and len(experts) == 3 * n_experts)
+    if ok:
+        gate, up, down = experts[:3]
+        ok = all(w.ndim == 2 for w in experts) and gate.shape[1] == xs.shape[1] and down.shape[1] == gate.shape[0]
+        ok = ok and all(experts[i].shape == experts[i % 3].shape for i in range(len(experts))) and up.shape == gate.shape
+    if not ok:
+        raise _fail("grouped_swiglu", f"needs f32 xs[R,H], ws[R], i32 offsets[{n_experts}+1] and gate/up [I,H], "
+                    f"down [H',I] for each of {n_experts} experts", xs, ws, offsets, *experts[:3])
+    return DType.F32, (xs.shape[0], experts[2].shape[0])
+
+
+@rule(Op.SCATTER_ADD)
+def _scatter_add(src, arg):
+    base, index, rows = src
+    if index.dtype != DType.I32 or index.ndim != 1 or rows.shape[:1] != index.shape or rows.shape[1:] != base.shape[1:] \
+            or rows.dtype != base.dtype:
+        raise _fail("scatter_add", "needs base[N, ...], i32 index[R], rows[R, ...] of base's dtype", base, index, rows)
+    return base.dtype, base.shape

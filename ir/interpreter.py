@@ -202,3 +202,36 @@ class Interpreter:
         if node.op == Op.ARANGE:
             return np.arange(evaluate(node.shape[0], env), dtype=np.int32)
         return _IMPLS[node.op](node, [values[id(s)] for s in node.src], env)
+
+
+# ---- grouped MoE (passes/lower_moe.py) -----------------------------------------------------------------------------
+@impl(Op.MOE_SORT)
+def _moe_sort(node, args, env):
+    return np.argsort(args[0].reshape(-1), kind="stable").astype(np.int32)
+
+
+@impl(Op.MOE_OFFSETS)
+def _moe_offsets(node, args, env):
+    counts = np.bincount(args[0].reshape(-1), minlength=node.arg)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+
+
+@impl(Op.GROUPED_SWIGLU)
+def _grouped_swiglu(node, args, env):
+    xs, ws, offsets, *experts = args
+    out = np.zeros((xs.shape[0], experts[2].shape[0]), np.float32)
+    for e in np.nonzero(offsets[1:] > offsets[:-1])[0]:  # experts that own rows; the rest cost nothing
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        gate, up, down = experts[3 * e: 3 * e + 3]
+        h = xs[lo:hi]
+        g = h @ gate.T
+        out[lo:hi] = ((g * _sigmoid(g)) * (h @ up.T)) @ down.T * ws[lo:hi, None]
+    return out
+
+
+@impl(Op.SCATTER_ADD)
+def _scatter_add(node, args, env):
+    base, index, rows = args
+    out = np.array(base, dtype=node.dtype.numpy, copy=True)
+    np.add.at(out, index, rows)
+    return out

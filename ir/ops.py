@@ -46,6 +46,14 @@ class Op(Enum):
     MLA_ATTENTION = auto()  # src: (q_lat [N,H,C], q_pe [N,H,R], latent [S,C], k_pe [S,R], positions i32[N]);
                             #   arg: scale. score = q_lat.latent + q_pe.k_pe; out = softmax(score) @ latent [N,H,C]
     KERNEL = auto()      # src: the fused chain's operands; arg: FusedBody (an elementwise graph over them)
+    # grouped MoE (passes/lower_moe.py lowers prefill MOE into these); arg of each: E, the number of routed experts
+    MOE_SORT = auto()        # src: (idx i32[N,k]); i32[N*k]: flat slots s = n*k + j ordered by expert idx.flat[s],
+                             #   ties by s (a stable counting sort)
+    MOE_OFFSETS = auto()     # src: (idx i32[N,k]); i32[E+1]: offsets[e] = #slots with expert < e, so expert e owns
+                             #   sorted rows offsets[e] .. offsets[e+1]-1
+    GROUPED_SWIGLU = auto()  # src: (xs [R,H], ws [R], offsets i32[E+1], gate_0, up_0, down_0, ...): row r of expert
+                             #   e's range -> ws[r] * down_e(silu(gate_e xs[r]) * up_e xs[r]); [R, down rows]
+    SCATTER_ADD = auto()     # src: (base [N,...], index i32[R], rows [R,...]); base + rows summed into rows index[r]
 
 
 LEAVES = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST, Op.ARANGE})

@@ -1,7 +1,9 @@
 """Text form of a program: one op per line, SSA names, dtypes and shapes, weights by name (never values).
 
 The output is a user interface and a diff target: the same program prints the same bytes on every run.
-Names are assigned in topological order; constants are printed inline as `value:dtype`.
+Names are assigned in topological order; constants are printed inline as `value:dtype`. A KERNEL's elementwise
+body follows its line, indented, with its operands as %in0.. and its values as %<kernel>.0.., ending in
+`return`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ from dzc.ir.shapes import format_shape
 _ARG_NAMES: dict[Op, str] = {
     Op.SUM: "axis", Op.RMAX: "axis", Op.SOFTMAX: "axis", Op.CONCAT: "axis", Op.RESHAPE: "shape",
     Op.EXPAND: "shape", Op.PERMUTE: "order", Op.TOPK: "k", Op.CAST: "to", Op.RMSNORM: "eps", Op.MOE: "experts",
+    Op.ATTENTION: "scale", Op.MLA_ATTENTION: "scale",
 }
+for _name in ("MOE_SORT", "MOE_OFFSETS", "GROUPED_SWIGLU"):   # ops added by passes/lower_moe.py
+    if hasattr(Op, _name):
+        _ARG_NAMES[Op[_name]] = "experts"
 
 
 def _type(node: Node) -> str:
@@ -32,7 +38,7 @@ def _value(v: Any) -> str:
 
 
 def _format_arg(node: Node) -> str:
-    if node.arg is None:
+    if node.arg is None or node.op == Op.KERNEL:   # a kernel's body is printed below it
         return ""
     if node.op == Op.SLICE:
         axis, start, stop = node.arg
@@ -58,6 +64,15 @@ class _Namer:
         return self.names[id(node)]
 
 
+def node_names(program: Program) -> dict[int, str]:
+    """id(node) -> the SSA name `format_program` prints for it (constants excluded: they print inline)."""
+    namer = _Namer(program)
+    for node in program.toposort():
+        if node.op not in (Op.INPUT, Op.CONST):
+            namer.define(node)
+    return namer.names
+
+
 def format_program(program: Program) -> str:
     namer = _Namer(program)
     params = ", ".join(f"{n.arg}: {_type(n)}" for n in program.inputs)
@@ -71,11 +86,31 @@ def format_program(program: Program) -> str:
             continue
         operands = ", ".join(namer.use(s) for s in node.src)
         sep = " " if operands else ""
-        lines.append(f"  {name} = {node.op.name.lower()}{sep}{operands}{_format_arg(node)} : {_type(node)}")
+        lines.append(f"  {name} = {node.op.name.lower()}{sep}{operands}{_format_arg(node)} : {_type(node)}"
+                     + (" {" if node.op == Op.KERNEL else ""))
+        if node.op == Op.KERNEL:
+            lines.extend(_format_body(node, name))
     outs = ", ".join(f"{key}={namer.use(node)}" for key, node in program.outputs)
     lines.append(f"  return {outs}")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _format_body(kernel: Node, name: str) -> list[str]:
+    """A KERNEL's elementwise body, one op per line: inputs are %in0.., values %<kernel>.0.., then its result."""
+    body = Program("body", (), (("out", kernel.arg.out),))
+    names: dict[int, str] = {}
+    lines = []
+    for node in body.toposort():
+        if node.op == Op.INPUT:
+            names[id(node)] = "%" + node.arg
+        elif node.op != Op.CONST:
+            names[id(node)] = f"{name}.{len(lines)}"
+            operands = ", ".join(f"{_value(s.arg)}:{s.dtype}" if s.op == Op.CONST else names[id(s)] for s in node.src)
+            lines.append(f"    {names[id(node)]} = {node.op.name.lower()} {operands}{_format_arg(node)} : {_type(node)}")
+    out = kernel.arg.out
+    result = f"{_value(out.arg)}:{out.dtype}" if out.op == Op.CONST else names[id(out)]
+    return lines + [f"    return {result}", "  }"]
 
 
 def op_count(program: Program) -> int:

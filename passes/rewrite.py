@@ -19,34 +19,36 @@ _MAX_REWRITES_PER_NODE = 64  # a rule set that ping-pongs is a bug; fail loudly 
 
 
 def graph_rewrite(program: Program, rules: RuleTable, ctx: Any = None) -> Program:
-    done: dict[int, Node] = {}
+    # Keyed by the node itself, not id(): a rule's intermediate results can be freed, and a reused id would
+    # silently alias an unrelated node. Holding them as keys keeps them alive for the whole rewrite.
+    done: dict[Node, Node] = {}
 
     def visit(root: Node) -> Node:
         # iterative post-order so deep graphs (60-layer models) do not hit the recursion limit
         stack: list[tuple[Node, bool]] = [(root, False)]
         while stack:
             node, ready = stack.pop()
-            if id(node) in done:
+            if node in done:
                 continue
             if not ready:
                 stack.append((node, True))
-                stack.extend((s, False) for s in node.src if id(s) not in done)
+                stack.extend((s, False) for s in node.src if s not in done)
                 continue
-            new = node.replace(src=tuple(done[id(s)] for s in node.src)) if node.src else node
-            done[id(node)] = apply(new)
-        return done[id(root)]
+            new = node.replace(src=tuple(done[s] for s in node.src)) if node.src else node
+            done[node] = apply(new)
+        return done[root]
 
     def apply(node: Node) -> Node:
         for _ in range(_MAX_REWRITES_PER_NODE):
             for rule in rules.get(node.op, ()):
                 out = rule(node, ctx)
                 if out is not None and out is not node:
-                    node = visit(out) if any(id(s) not in done for s in out.src) else out
+                    node = visit(out) if any(s not in done for s in out.src) else out
                     break
             else:
                 return node
         raise RuntimeError(f"rewrite rules did not converge on {node!r}")
 
     outputs = tuple((name, visit(node)) for name, node in program.outputs)
-    inputs = tuple(done.get(id(n), n) for n in program.inputs)
+    inputs = tuple(done.get(n, n) for n in program.inputs)
     return Program(program.name, inputs, outputs)
