@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from dzc.checkpoint.config import ModelConfig
 from dzc.checkpoint.loader import Checkpoint
@@ -17,10 +17,14 @@ from dzc.ir.node import WeightFormat
 from dzc.ir.program import Program
 from dzc.ir.weights import WeightStore
 from dzc.model import deepseek_v3
+from dzc.passes.base import PassContext
+from dzc.passes.manager import run_pipeline
+from dzc.passes.pipeline import build_pipeline
 from dzc.runtime.executor import ModelExecutor
 from dzc.runtime.interp_executor import InterpreterExecutor
 from dzc.runtime.tokenizer import Tokenizer
 
+Progress = Callable[[str, int, int, str], None]  # (stage, done, total, detail)
 DEFAULT_MAX_CONTEXT = 4096
 _STORAGE_FORMATS = {
     "F32": WeightFormat(DType.F32), "BF16": WeightFormat(DType.BF16), "F16": WeightFormat(DType.F16),
@@ -62,6 +66,21 @@ def trace_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, Program], Weight
     return programs, store
 
 
+def run_passes(programs: Mapping[str, Program], store: WeightStore, config: ModelConfig, target: str,
+               quant: Optional[str] = None, progress: Optional[Progress] = None,
+               facts: Optional[dict] = None) -> dict[str, Program]:
+    """The pass pipeline for `target`, per phase, with one shared context (so derived weights are made once)."""
+    ctx = PassContext(weights=store, config=config, target=target, quant=quant, facts=dict(facts or {}))
+    out = {}
+    for i, (phase, program) in enumerate(programs.items()):
+        if progress is not None:
+            progress("passes", i, len(programs), phase)
+        out[phase] = run_pipeline(program, build_pipeline(target, phase, quant), ctx).program
+    if progress is not None:
+        progress("passes", len(programs), len(programs), "")
+    return out
+
+
 def is_artifact(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
@@ -82,8 +101,9 @@ def open_model(path: str | Path, target: Optional[str] = None, max_context: Opti
                          f"compile it first: dzc compile {path} --target {target} -o OUT, then dzc run OUT")
     checkpoint = Checkpoint.open(path)
     checkpoint.validate()
-    programs, store = trace_checkpoint(checkpoint)
+    traced, store = trace_checkpoint(checkpoint)
     cfg = checkpoint.config
+    programs = run_passes(traced, store, cfg, "interp")
     capacity = _capacity(cfg, max_context)
     return LoadedModel(
         name=path.name, config=cfg, tokenizer=_tokenizer(checkpoint.tokenizer_dir), eos_ids=cfg.eos_token_ids,
