@@ -120,10 +120,31 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from dzc.codegen.compile import compile_checkpoint
+    from dzc.progress import ProgressBar
+
+    out = compile_checkpoint(args.model, args.output, target=args.target, quant=args.quant, cpu=args.cpu,
+                             triple=args.triple, threads=args.threads, progress=ProgressBar())
+    print(f"compiled {args.model} for {args.target} -> {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dzc", description="Compile and run DeepSeek-V3-family models.")
     parser.add_argument("--version", action="version", version=f"dzc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    comp = sub.add_parser("compile", help="compile a checkpoint into a self-contained artifact folder")
+    comp.add_argument("model", metavar="MODEL", help="checkpoint folder or .safetensors file")
+    comp.add_argument("--target", default="cpu", choices=["cpu", "opencl", "metal", "cuda"])
+    comp.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact folder to write")
+    comp.add_argument("--quant", default=None, choices=["f32", "bf16", "int8", "int4"],
+                      help="requantize weights (default: keep the checkpoint's formats, FP8 included)")
+    comp.add_argument("--cpu", default=None, help="CPU to compile for (default: this machine's), e.g. x86-64-v3, apple-m1")
+    comp.add_argument("--triple", default=None, help="target triple, e.g. aarch64-unknown-linux-gnu")
+    comp.add_argument("--threads", type=int, default=None, help="default thread count stored in the artifact")
+    comp.set_defaults(func=cmd_compile)
 
     run = sub.add_parser("run", help="generate text from a checkpoint (interpreted) or a compiled artifact")
     run.add_argument("model", metavar="MODEL_OR_ARTIFACT")

@@ -1,0 +1,227 @@
+"""dzc on the CPU vs PyTorch eager on one synthetic DeepSeek-V3-shaped checkpoint, as a llama-bench-shaped table.
+
+    python bench/make_checkpoint.py /tmp/dzc-bench/dsv3-bf16
+    python bench/make_checkpoint.py /tmp/dzc-bench/dsv3-fp8 --fp8
+    python bench/run.py --bf16 /tmp/dzc-bench/dsv3-bf16 --fp8 /tmp/dzc-bench/dsv3-fp8 --work /tmp/dzc-bench
+
+pp512: prompt processing, 512 new tokens on an empty cache (one prefill call). tg128: 128 tokens generated one
+at a time (128 decode calls) from an empty cache. t/s is the median over --reps runs (± half the min-max
+spread). `GB/tok` is the weight bytes one decode step reads (dense weights, the shared experts and top-k of the
+routed experts, lm_head); `roof t/s` = measured read bandwidth / GB/tok; `%roof` = tg t/s / roof t/s.
+Artifacts are compiled into --work once and reused. Not a test: run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def compile_if_missing(ckpt: Path, out: Path, quant, threads: int) -> Path:
+    if (out / "manifest.json").is_file():
+        return out
+    from dzc.codegen.compile import compile_checkpoint
+    t0 = time.time()
+    print(f"compiling {ckpt.name} quant={quant} -> {out}", file=sys.stderr, flush=True)
+    compile_checkpoint(ckpt, out, quant=quant, threads=threads)
+    print(f"  {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def active_bytes(art: Path) -> tuple[float, float]:
+    """(bytes read per decode step, bytes of all weights)."""
+    man = json.loads((art / "manifest.json").read_text())
+    cfg = man["config"]
+    frac = cfg.get("num_experts_per_tok", 1) / max(1, cfg.get("n_routed_experts", 1))
+    item = {"f32": 4, "f16": 2, "u16": 2, "i8": 1, "u8": 1, "i32": 4}
+    slots = man["slots"]
+    used = {i for call in man["call_slots"]["decode"] for i in call}
+    per_tok = total = 0.0
+    for s in slots:
+        if s["kind"] != "weight":
+            continue
+        n = max(sum(c for _, c in p) for p in s["sizes"]) * item[s["dtype"]]
+        total += n
+        if s["info"].get("weight") == "model.embed_tokens.weight" and not cfg.get("tie_word_embeddings"):
+            per_tok += n / cfg["vocab_size"]        # one row is gathered per token
+        elif s["index"] in used:
+            per_tok += n * (frac if "stack" in s["info"] else 1.0)
+    return per_tok, total
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_dzc(art: Path, threads: int, pp: int, tg: int, reps: int, vocab: int) -> dict:
+    from dzc.runtime.native_executor import NativeExecutor
+    ex = NativeExecutor(art, max_context=pp + tg + 8, threads=threads, prefill_chunk=pp, verify=False)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(2, vocab, pp)
+
+    def run_pp():
+        ex.reset()
+        ex.forward(prompt)
+
+    def run_tg():
+        ex.reset()
+        tok = 5
+        for _ in range(tg):
+            tok = int(ex.forward(np.array([tok]))[0].argmax())
+    run_pp()   # warm the page cache and the code
+    ex.reset()
+    for _ in range(8):
+        ex.forward(np.array([3]))
+    return {"pp": [pp / t for t in timed(run_pp, reps)], "tg": [tg / t for t in timed(run_tg, reps)]}
+
+
+def torch_model(ckpt: Path, dtype: str):
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from dzc.checkpoint.loader import Checkpoint
+    cfg = DeepseekV3Config.from_pretrained(ckpt)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg._attn_implementation = "eager"
+    tdt = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype]
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg)
+    ck = Checkpoint.open(ckpt)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            pre = name[: -len("gate_up_proj")]
+            arr = np.stack([np.concatenate([ck.f32(f"{pre}{e}.gate_proj.weight"), ck.f32(f"{pre}{e}.up_proj.weight")])
+                            for e in range(t.shape[0])])
+        elif name.endswith("experts.down_proj"):
+            pre = name[: -len("down_proj")]
+            arr = np.stack([ck.f32(f"{pre}{e}.down_proj.weight") for e in range(t.shape[0])])
+        else:
+            arr = ck.f32(name)
+        want = torch.float32 if name.endswith("e_score_correction_bias") else tdt
+        state[name] = torch.from_numpy(np.array(arr, np.float32)).to(want)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)   # buffers not in the state dict
+    model.eval()
+    return model
+
+
+def bench_torch(ckpt: Path, dtype: str, threads: int, pp: int, tg: int, reps: int, vocab: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    model = torch_model(ckpt, dtype)
+    rng = np.random.default_rng(0)
+    prompt = torch.tensor(rng.integers(2, vocab, pp))[None]
+
+    @torch.no_grad()
+    def run_pp():
+        model(input_ids=prompt, use_cache=False)
+
+    @torch.no_grad()
+    def run_tg():
+        from transformers import DynamicCache
+        cache = DynamicCache(config=model.config)
+        tok = torch.tensor([[5]])
+        for _ in range(tg):
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    run_pp()
+    res = {"pp": [pp / t for t in timed(run_pp, reps)], "tg": [tg / t for t in timed(run_tg, reps)]}
+    del model
+    gc.collect()
+    return res
+
+
+def fmt_rate(xs: list[float]) -> str:
+    med = statistics.median(xs)
+    return f"{med:8.2f} ± {(max(xs) - min(xs)) / 2:.2f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bf16", type=Path, required=True, help="bf16 checkpoint (bench/make_checkpoint.py)")
+    ap.add_argument("--fp8", type=Path, default=None, help="FP8 variant of the same shape")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dzc-bench"))
+    ap.add_argument("--formats", default="f32,bf16,fp8,int8,int4")
+    ap.add_argument("--threads", type=int, nargs="*", default=[2])
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--torch", default="bf16,f32", help="PyTorch eager dtypes to run ('' to skip)")
+    ap.add_argument("--bandwidth-mb", type=int, default=1024)
+    a = ap.parse_args()
+    from bandwidth import read_bandwidth
+    cfg = json.loads((a.bf16 / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    rows = []
+    bw = {t: read_bandwidth(a.bandwidth_mb, t) for t in a.threads}
+    for fmt in [f for f in a.formats.split(",") if f]:
+        if fmt == "fp8":
+            if a.fp8 is None:
+                continue
+            art = compile_if_missing(a.fp8, a.work / "art-fp8", None, max(a.threads))
+        else:
+            art = compile_if_missing(a.bf16, a.work / f"art-{fmt}", None if fmt == "bf16" else fmt, max(a.threads))
+        per_tok, total = active_bytes(art)
+        for t in a.threads:
+            r = bench_dzc(art, t, a.pp, a.tg, a.reps, vocab)
+            roof = bw[t] * 1e9 / per_tok
+            rows.append((f"dsv3-synth {fmt}", total, "dzc-cpu", t, r, per_tok, roof))
+            print(f"done dzc {fmt} threads={t}", file=sys.stderr, flush=True)
+    for dt in [d for d in a.torch.split(",") if d]:
+        for t in a.threads:
+            r = bench_torch(a.bf16, dt, t, a.pp, a.tg, max(1, a.reps - 1), vocab)
+            nbytes = {"bf16": 2, "f32": 4}[dt]
+            rows.append((f"dsv3-synth {dt}", None, "torch-eager", t, r, None, None, nbytes))
+            print(f"done torch {dt} threads={t}", file=sys.stderr, flush=True)
+    n_params = _params(cfg)
+    print(f"\nmachine read bandwidth: " + ", ".join(f"{bw[t]:.1f} GB/s ({t} threads)" for t in a.threads))
+    print(f"model: {n_params / 1e9:.2f} B params, vocab {vocab}, {cfg['num_hidden_layers']} layers, "
+          f"{cfg['n_routed_experts']} experts top-{cfg['num_experts_per_tok']}\n")
+    print("| model | size | params | backend | threads | test | t/s | GB/tok | roof t/s | %roof |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        name, total, backend, t, r, per_tok, roof = row[:7]
+        size = f"{total / 2**30:.2f} GiB" if total else f"{n_params * row[7] / 2**30:.2f} GiB"
+        for test in ("pp", "tg"):
+            label = f"{test}{a.pp if test == 'pp' else a.tg}"
+            extra = "| | |"
+            if test == "tg" and per_tok:
+                med = statistics.median(r["tg"])
+                extra = f"| {per_tok / 1e9:.3f} | {roof:.1f} | {100 * med / roof:.0f}% |"
+            elif test == "tg":
+                extra = "| | | |"
+            else:
+                extra = "| | | |"
+            print(f"| {name} | {size} | {n_params / 1e9:.2f} B | {backend} | {t} | {label} | {fmt_rate(r[test])} {extra}")
+    return 0
+
+
+def _params(cfg: dict) -> int:
+    h, L, E = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["n_routed_experts"]
+    qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    heads = cfg["num_attention_heads"]
+    attn = (cfg["q_lora_rank"] * h + heads * qk * cfg["q_lora_rank"] + (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * h
+            + heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]) * cfg["kv_lora_rank"] + h * heads * cfg["v_head_dim"])
+    moe = 3 * h * cfg["moe_intermediate_size"] * (E + cfg["n_shared_experts"]) + E * h
+    dense = 3 * h * cfg["intermediate_size"]
+    return L * attn + dense + (L - 1) * moe + 2 * cfg["vocab_size"] * h
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.exit(main())

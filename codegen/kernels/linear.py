@@ -1,0 +1,209 @@
+"""x @ W^T for every weight layout: a register-tiled dot-product micro-kernel and the GEMV / GEMM drivers.
+
+The micro-kernel computes an MR x NR tile (MR activation rows, NR weight rows) with MR*NR vector accumulators,
+loading each activation vector once per NR rows and decoding each weight vector once per MR rows. Grouped formats
+(fp8 blocks, int8/int4 K-groups) scale per group: GEMV (MR=1) accumulates a group unscaled and applies the scale
+with one fma; GEMM scales each decoded weight vector once and reuses it MR times. K tails run scalar.
+
+GEMV splits weight rows over threads in tiles of NR; GEMM splits blocks of NB weight rows over threads and walks
+the activation rows in blocks of MB that stay in L2 while the block's weight rows are reused from L1/L2.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from dzc.codegen.builder import KernelBuilder
+from dzc.codegen.kir import Buf, E, F32, Operand, bcast, const, fma, load, minimum, reduce_add
+from dzc.codegen.kernels.weights import WeightAccess
+
+WRow = tuple[WeightAccess, Operand, Operand]      # (weight, expert, row)
+
+
+PREFETCH = {"distance": 0}     # bytes ahead to prefetch weight rows in GEMV (0: off); CPU targets only
+
+
+def _prefetch(kb: KernelBuilder, wrows: Sequence[WRow], k: E) -> None:
+    dist = PREFETCH["distance"]
+    if not dist:
+        return
+    for wa, e, n in wrows:
+        elems = int(dist / wa.pk.data_dt.itemsize) * (2 if wa.pk.kind == "i4" else 1)
+        kk = k + elems if wa.pk.kind != "i4" else (k + elems) // 2
+        kb.prefetch(wa.data, wa._row(e, n) + kk)
+
+
+def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: Sequence[WRow], K: int) -> list[list[E]]:
+    """Emit the K loop for len(xrows) x len(wrows) dot products; returns [m][n] scalar results (read them before
+    emitting anything that reassigns the accumulators)."""
+    MR, NR = len(xrows), len(wrows)
+    wa0 = wrows[0][0]
+    zero = const(0.0, F32.vec(V))
+    acc = [[kb.reg(zero, "acc") for _ in range(NR)] for _ in range(MR)]
+    tail = None
+
+    def xv(m: int, k: Operand, lanes: int = V) -> E:
+        buf, off = xrows[m]
+        return load(buf, off + k, lanes)
+
+    def add_tail(k0: Operand, k1: Operand, scaled: bool, g: Operand = None) -> None:
+        nonlocal tail
+        if tail is None:
+            tail = [[kb.reg(const(0.0, F32), "t") for _ in range(NR)] for _ in range(MR)]
+        with kb.loop(k0, k1, name="k") as k:
+            ws = [kb.let(wa.scalar(e, n, k) if scaled else wa.raw_scalar(e, n, k), "w") for wa, e, n in wrows]
+            for m in range(MR):
+                x = kb.let(xv(m, k, 1), "x")
+                for r in range(NR):
+                    kb.set(tail[m][r], fma(x, ws[r], tail[m][r].v))
+
+    G = wa0.group
+    if not G:
+        Kv = K // V * V
+        if Kv:
+            with kb.loop(0, Kv, step=V, name="k") as k:
+                if MR == 1:
+                    _prefetch(kb, wrows, k)
+                xs = [kb.let(xv(m, k), "xv") for m in range(MR)]
+                ws = [kb.let(wa.raw_vec(e, n, k, V), "wv") for wa, e, n in wrows]
+                for m in range(MR):
+                    for r in range(NR):
+                        kb.set(acc[m][r], fma(xs[m], ws[r], acc[m][r].v))
+        if K % V:
+            add_tail(Kv, K, scaled=False)
+    else:
+        ng, rem = K // G, K % G
+
+        def chunks(gi: Operand, count: int, scales: list[E]) -> None:
+            """Vector chunks 0..count-1 of group gi, accumulated into acc (scaled)."""
+            if MR == 1:
+                gacc = [kb.reg(zero, "g") for _ in range(NR)]
+            for c in range(count):
+                k = gi * G + c * V
+                x = [kb.let(xv(m, k), "xv") for m in range(MR)]
+                ws = []
+                for r, (wa, e, n) in enumerate(wrows):
+                    if wa.pk.kind == "i4":
+                        off = c * V
+                        w = wa.raw_vec_i4(e, n, gi, (off // 32) * 16 + off % 16, (off % 32) // 16, V)
+                    else:
+                        w = wa.raw_vec(e, n, k, V)
+                    ws.append(kb.let(w if MR == 1 else w * bcast(scales[r], V), "wv"))
+                for m in range(MR):
+                    for r in range(NR):
+                        if MR == 1:
+                            kb.set(gacc[r], fma(x[m], ws[r], gacc[r].v))
+                        else:
+                            kb.set(acc[m][r], fma(x[m], ws[r], acc[m][r].v))
+            if MR == 1 and count:
+                for r in range(NR):
+                    kb.set(acc[0][r], fma(gacc[r].v, bcast(scales[r], V), acc[0][r].v))
+
+        if ng:
+            with kb.loop(0, ng, name="g") as g:
+                if MR == 1:
+                    _prefetch(kb, wrows, g * G)
+                scales = [kb.let(wa.scale(e, n, g), "s") for wa, e, n in wrows]
+                chunks(g, G // V, scales)
+                if G % V:
+                    add_tail(g * G + G // V * V, g * G + G, scaled=True)
+        if rem:
+            scales = [kb.let(wa.scale(e, n, ng), "s") for wa, e, n in wrows]
+            chunks(ng, rem // V, scales)
+            if rem % V:
+                add_tail(ng * G + rem // V * V, K, scaled=True)
+    out = []
+    for m in range(MR):
+        row = []
+        for r in range(NR):
+            v = reduce_add(acc[m][r].v)
+            row.append(v + tail[m][r].v if tail is not None else v)
+        out.append(row)
+    return out
+
+
+def grain_rows(rows_per_item: int, K: int, bytes_per_weight: float, min_bytes: int = 1 << 16) -> int:
+    return max(1, int(min_bytes // max(1.0, rows_per_item * K * bytes_per_weight)))
+
+
+def gemv(kb: KernelBuilder, V: int, x: tuple[Buf, E], wa: WeightAccess, N: int, K: int,
+         store: Callable[[Operand, E], None], NR: int = 4, e: Operand = 0) -> None:
+    """y[n] = dot(W[e, n], x) for n < N; `store(n, value)` writes one result."""
+    ntiles = N // NR
+    if ntiles:
+        with kb.loop(0, ntiles, parallel=True, grain=grain_rows(NR, K, wa.pk.bytes_per_weight), name="t") as t:
+            n0 = t * NR
+            res = dot_tile(kb, V, [x], [(wa, e, n0 + r) for r in range(NR)], K)
+            for r in range(NR):
+                store(n0 + r, res[0][r])
+    if N % NR:
+        with kb.loop(ntiles * NR, N, name="n") as n:
+            res = dot_tile(kb, V, [x], [(wa, e, n)], K)
+            store(n, res[0][0])
+
+
+def gemm(kb: KernelBuilder, V: int, M: E, xrow: Callable[[E], tuple[Buf, E]], wrow: Callable[[E], list[WRow]],
+         N: int, K: int, store: Callable[[E, E, list[E]], None], MR: int = 4, NR: int = 4, NB: int = 64,
+         MB: int = 64, grain: int = 1, m_start: Operand = 0) -> None:
+    """Tiled y[m, n] for m in [m_start, M), n < N. `wrow(n)` gives the weight rows of output column n (one row,
+    or several fused ones, e.g. gate and up); `store(m, n, values)` receives one value per row wrow returned."""
+    NB = max(NR, NB // NR * NR)
+    with kb.loop(0, -(-N // NB), parallel=True, grain=grain, name="b") as b:
+        gemm_block(kb, V, b * NB, minimum(b * NB + NB, N), m_start, M, xrow, wrow, K, store, MR, NR, MB)
+
+
+def gemm_block(kb: KernelBuilder, V: int, nlo: E, nhi: E, mlo: Operand, mhi: Operand, xrow, wrow, K: int, store,
+               MR: int, NR: int, MB: int) -> None:
+    """Output columns [nlo, nhi) for rows [mlo, mhi): rows in blocks of MB, tiles of MR x NR, then edges."""
+    nhi = kb.let(nhi, "nhi")
+    nfull = kb.let(nlo + (nhi - nlo) // NR * NR, "nfull")
+    with kb.loop(mlo, mhi, step=MB, name="mb") as mb:
+        mend = kb.let(minimum(mb + MB, mhi), "mhi")
+        mfull = kb.let(mb + (mend - mb) // MR * MR, "mfull")
+        with kb.loop(nlo, nfull, step=NR, name="n") as n0:
+            _tile(kb, V, MR, NR, mb, mfull, n0, xrow, wrow, K, store)
+            _tile(kb, V, 1, NR, mfull, mend, n0, xrow, wrow, K, store)
+        with kb.loop(nfull, nhi, name="n") as n:
+            _tile(kb, V, 1, 1, mb, mend, n, xrow, wrow, K, store)
+
+
+def _tile(kb, V, MR, NR, mlo, mhi, n0, xrow, wrow, K, store) -> None:
+    with kb.loop(mlo, mhi, step=MR, name="m") as m0:
+        rows = [wrow(n0 + r) for r in range(NR)]
+        flat = [w for ws in rows for w in ws]
+        res = dot_tile(kb, V, [xrow(m0 + i) for i in range(MR)], flat, K)
+        per = len(rows[0])
+        for i in range(MR):
+            for r in range(NR):
+                store(m0 + i, n0 + r, res[i][r * per:(r + 1) * per])
+
+
+def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: Operand, Kd: int, N: int,
+           store: Callable[[int, E], None], chunk: int = 4) -> None:
+    """y[n] = sum_k a(k) * W[e, k, n] (x @ W, W's rows are k): columns in register chunks of `chunk` vectors,
+    one pass over k per chunk (a weight row segment is contiguous), scalar columns at the tail.
+    `store(n, value)` gets a V-lane vector for columns n..n+V-1, or a scalar."""
+    from dzc.codegen.kernels.weights import vec_at
+    from dzc.codegen.kir import bcast
+    G = wa.group or N
+    starts = []
+    c = 0
+    while c + V <= N:
+        if (c // G) != ((c + V - 1) // G):      # a vector must not straddle scale groups
+            break
+        starts.append(c)
+        c += V
+    vec_end = c
+    for i in range(0, len(starts), chunk):
+        group = starts[i:i + chunk]
+        accs = [kb.reg(const(0.0, F32.vec(V)), "acc") for _ in group]
+        with kb.loop(0, Kd, name="k") as k:
+            av = kb.let(bcast(a(k), V), "a")
+            for r, c0 in zip(accs, group):
+                kb.set(r, fma(av, vec_at(wa, e, k, c0, V), r.v))
+        for r, c0 in zip(accs, group):
+            store(c0, r.v)
+    for n in range(vec_end, N):
+        acc = kb.reg(const(0.0, F32), "acc")
+        with kb.loop(0, Kd, name="k") as k:
+            kb.set(acc, fma(a(k), wa.scalar(e, k, n), acc.v))
+        store(n, acc.v)

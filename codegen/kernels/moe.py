@@ -1,0 +1,160 @@
+"""Routed SwiGLU experts (MOE): y[t] = sum_s w[t,s] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = idx[t,s].
+
+Expert weights are stacked per projection ([E, N, K], one tensor per part), so a kernel indexes experts by id.
+Decode (one token): k indexed GEMVs over only the selected experts; gate and up rows are computed in the same
+pass (one tile holds both), the SwiGLU is applied in registers, then the down projection sums the k slots per
+output row (threads split output rows, so no atomics). Prefill (T tokens): a routing kernel counts and sorts the
+(token, slot) pairs by expert; then, per expert, the tiled GEMM micro-kernel runs over that expert's gathered
+rows (gate+up fused, then down with the routing weight, accumulated per output column block by one thread).
+"""
+from __future__ import annotations
+
+from dzc.codegen.builder import KernelBuilder
+from dzc.codegen.kir import Buf, E, F32, I32, I64, cast, const, exp, load, maximum, minimum
+from dzc.codegen.kernels.linear import dot_tile, gemm_block, grain_rows
+from dzc.codegen.kernels.weights import WeightAccess
+
+
+def _expert(idx: E, n_experts: int) -> E:
+    """An expert id as i64, clamped into range: a NaN-poisoned router must not read outside the weights."""
+    return minimum(maximum(cast(idx, I64), 0), n_experts - 1)
+
+
+def _silu_mul(g: E, u: E) -> E:
+    return (g * (const(1.0, F32) / (const(1.0, F32) + exp(-g)))) * u
+
+
+def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], w: tuple[Buf, E],
+               gate: WeightAccess, up: WeightAccess, down: WeightAccess, H: int, I: int, k: int,
+               out: tuple[Buf, E], hbuf: Buf) -> None:
+    xb, xo = x
+    ib, io = idx
+    wb, wo = w
+    ob, oo = out
+    NR = 2 if I % 2 == 0 else 1
+    tiles = I // NR
+    with kb.loop(0, k * tiles, parallel=True, grain=grain_rows(2 * NR, H, gate.pk.bytes_per_weight), name="t") as t:
+        s = kb.let(t // tiles, "s")
+        j0 = kb.let((t % tiles) * NR, "j")
+        e = kb.let(_expert(load(ib, io + s), gate.E), "e")
+        res = dot_tile(kb, V, [(xb, xo)], [(gate, e, j0 + r) for r in range(NR)] + [(up, e, j0 + r) for r in range(NR)], H)
+        for r in range(NR):
+            kb.store(hbuf, s * I + j0 + r, _silu_mul(res[0][r], res[0][NR + r]))
+    NR2 = 4
+    tiles2 = H // NR2
+    if tiles2:
+        with kb.loop(0, tiles2, parallel=True, grain=grain_rows(NR2 * k, I, down.pk.bytes_per_weight), name="t") as t:
+            n0 = kb.let(t * NR2, "n")
+            accs = [kb.reg(const(0.0, F32), "y") for _ in range(NR2)]
+            with kb.loop(0, k, name="s") as s:
+                e = kb.let(_expert(load(ib, io + s), gate.E), "e")
+                ws = kb.let(load(wb, wo + s), "ws")
+                res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n0 + r) for r in range(NR2)], I)
+                for r in range(NR2):
+                    kb.set(accs[r], accs[r].v + res[0][r] * ws)
+            for r in range(NR2):
+                kb.store(ob, oo + n0 + r, accs[r].v)
+    if H % NR2:
+        with kb.loop(tiles2 * NR2, H, name="n") as n:
+            acc = kb.reg(const(0.0, F32), "y")
+            with kb.loop(0, k, name="s") as s:
+                e = kb.let(_expert(load(ib, io + s), gate.E), "e")
+                res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n)], I)
+                kb.set(acc, acc.v + res[0][0] * load(wb, wo + s))
+            kb.store(ob, oo + n, acc.v)
+
+
+def moe_route(kb: KernelBuilder, idx: tuple[Buf, E, E], T: E, k: int, E_: int, counts: Buf, offs: Buf,
+              pairs: Buf, out: tuple[Buf, E, E], H: int) -> None:
+    """Sort (token, slot) pairs by expert: offs[e]..offs[e+1] index pairs[] (= t*k + s). Zero the output rows."""
+    ib, io, istride = idx
+    ob, oo, ostride = out
+    with kb.loop(0, E_, name="e") as e:
+        kb.store(counts, e, const(0, I32))
+    with kb.loop(0, T, name="t") as t:
+        for s in range(k):
+            e = kb.let(_expert(load(ib, io + t * istride + s), E_), "e")
+            kb.store(counts, e, load(counts, e) + const(1, I32))
+        with kb.loop(0, H, name="d") as d:
+            kb.store(ob, oo + t * ostride + d, const(0.0, F32))
+    kb.store(offs, 0, const(0, I32))
+    with kb.loop(0, E_, name="e") as e:
+        kb.store(offs, e + 1, load(offs, e) + load(counts, e))
+        kb.store(counts, e, load(offs, e))
+    with kb.loop(0, T, name="t") as t:
+        for s in range(k):
+            e = kb.let(_expert(load(ib, io + t * istride + s), E_), "e")
+            c = kb.let(load(counts, e), "c")
+            kb.store(pairs, cast(c, I64), cast(t * k + s, I32))
+            kb.store(counts, e, c + const(1, I32))
+
+
+def grouped_gate_up(kb: KernelBuilder, V: int, offs: Buf, xrow, gate: WeightAccess, up: WeightAccess, E_: int,
+                    H: int, I: int, hbuf: Buf, MR: int, NR: int, NB: int = 32, MB: int = 32) -> None:
+    """h[m, :] = silu(x_m @ gate_e^T) * (x_m @ up_e^T) for every sorted row m of every expert e (rows
+    offs[e]..offs[e+1]); threads split the I columns, so each expert's gate/up rows are read once."""
+    NB = max(NR, NB // NR * NR)
+    with kb.loop(0, -(-I // NB), parallel=True, name="b") as b:
+        with kb.loop(0, E_, name="e") as e:
+            lo = kb.let(cast(load(offs, e), I64), "lo")
+            hi = kb.let(cast(load(offs, e + 1), I64), "hi")
+            with kb.if_(lo < hi):
+                gemm_block(kb, V, b * NB, minimum(b * NB + NB, I), lo, hi, xrow,
+                           lambda n: [(gate, e, n), (up, e, n)], H,
+                           lambda m, n, vs: kb.store(hbuf, m * I + n, _silu_mul(vs[0], vs[1])), MR, NR, MB)
+
+
+def grouped_down(kb: KernelBuilder, V: int, offs: Buf, down: WeightAccess, E_: int, Hout: int, I: int, hbuf: Buf,
+                 store, MR: int, NR: int, NB: int = 32, MB: int = 32) -> None:
+    """store(m, n, h_m . down_e[n]) for every sorted row m of expert e; threads split the output columns."""
+    NB = max(NR, NB // NR * NR)
+    with kb.loop(0, -(-Hout // NB), parallel=True, name="b") as b:
+        with kb.loop(0, E_, name="e") as e:
+            lo = kb.let(cast(load(offs, e), I64), "lo")
+            hi = kb.let(cast(load(offs, e + 1), I64), "hi")
+            with kb.if_(lo < hi):
+                gemm_block(kb, V, b * NB, minimum(b * NB + NB, Hout), lo, hi, lambda m: (hbuf, m * I),
+                           lambda n: [(down, e, n)], I, lambda m, n, vs: store(m, n, vs[0]), MR, NR, MB)
+
+
+def moe_gate_up(kb: KernelBuilder, V: int, x: tuple[Buf, E, E], offs: Buf, pairs: Buf, gate: WeightAccess,
+                up: WeightAccess, E_: int, H: int, I: int, k: int, hbuf: Buf, MR: int, NR: int) -> None:
+    xb, xo, xs = x
+    grouped_gate_up(kb, V, offs, lambda m: (xb, xo + (cast(load(pairs, m), I64) // k) * xs), gate, up, E_, H, I,
+                    hbuf, MR, NR)
+
+
+def moe_down(kb: KernelBuilder, V: int, offs: Buf, pairs: Buf, wts: tuple[Buf, E, E], down: WeightAccess,
+             E_: int, H: int, I: int, k: int, hbuf: Buf, out: tuple[Buf, E, E], MR: int, NR: int) -> None:
+    wb, wo, ws = wts
+    ob, oo, os_ = out
+
+    def store(m, n, v):
+        pair = cast(load(pairs, m), I64)
+        t, s = pair // k, pair % k
+        addr = oo + t * os_ + n
+        kb.store(ob, addr, load(ob, addr) + v * load(wb, wo + t * ws + s))
+    grouped_down(kb, V, offs, down, E_, H, I, hbuf, store, MR, NR)
+
+
+def sort_by_expert(kb: KernelBuilder, idx: tuple[Buf, E, E], T: E, k: int, E_: int, counts: Buf, offs: Buf,
+                   pairs) -> None:
+    """Stable counting sort of the flat slots t*k+s by expert; offs[e] = first sorted row of expert e."""
+    ib, io, istride = idx
+    with kb.loop(0, E_, name="e") as e:
+        kb.store(counts, e, const(0, I32))
+    with kb.loop(0, T, name="t") as t:
+        for s in range(k):
+            e = kb.let(_expert(load(ib, io + t * istride + s), E_), "e")
+            kb.store(counts, e, load(counts, e) + const(1, I32))
+    kb.store(offs, 0, const(0, I32))
+    with kb.loop(0, E_, name="e") as e:
+        kb.store(offs, e + 1, load(offs, e) + load(counts, e))
+        kb.store(counts, e, load(offs, e))
+    if pairs is not None:
+        with kb.loop(0, T, name="t") as t:
+            for s in range(k):
+                e = kb.let(_expert(load(ib, io + t * istride + s), E_), "e")
+                c = kb.let(load(counts, e), "c")
+                kb.store(pairs, cast(c, I64), cast(t * k + s, I32))
+                kb.store(counts, e, c + const(1, I32))

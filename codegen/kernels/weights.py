@@ -1,0 +1,99 @@
+"""Reading weights in their compiled layout (codegen/layout.py) inside kernels: scalar and vector decodes.
+
+Vector decodes never materialise a dequantised copy: bf16 widens by zext+shl16, fp8 e4m3 codes become the f16 with
+the same exponent/mantissa bits (an exact value/256; the 256 is folded into the block scale), int8 sign-extends,
+int4 splits nibbles (low = first 16 of a 32-group, high = last 16). Scales multiply once per group.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from dzc.codegen.kir import (
+    Buf, E, F16, F32, I16, I32, I64, U16, U32, Operand, _lift, bitcast, cast, const, load)
+from dzc.codegen.layout import Packed
+
+
+class WeightAccess:
+    """Access to a weight [E?, N, K] stored as `pk` in buffers `data` (+ `scale`). `e` is the expert (0 if none)."""
+
+    def __init__(self, pk: Packed, data: Buf, scale: Optional[Buf], N: int, K: int) -> None:
+        self.pk, self.data, self.scale_buf, self.N, self.K = pk, data, scale, N, K
+        self.row_len = pk.row_elems(K)
+        self.scols = pk.scale_cols(K)
+        self.srows = pk.scale_rows(N)
+        self.group = pk.group
+        self.E = 1              # experts stacked in the buffers (set by the lowering for MoE weights)
+
+    def _row(self, e: Operand, n: Operand) -> E:
+        return (e * self.N + n) * self.row_len if not (isinstance(e, int) and e == 0) else n * self.row_len
+
+    def scale(self, e: Operand, n: Operand, g: Operand) -> E:
+        rb = self.pk.rblock
+        row = n if rb == 1 else n // rb
+        idx = (e * self.srows + row) * self.scols + g
+        s = load(self.scale_buf, idx)
+        return s if s.dtype == F32 else cast(s, F32)
+
+    def raw_vec(self, e: Operand, n: Operand, k: Operand, lanes: int, half: int = 0) -> E:
+        """`lanes` unscaled values starting at element k. For int4 k is (group start + j) with j < 16 and `half`
+        says whether the chunk lies in the group's second 16 (high nibbles)."""
+        kind, base = self.pk.kind, self._row(e, n)
+        if kind == "f32":
+            return load(self.data, base + k, lanes)
+        if kind == "bf16":
+            w = cast(load(self.data, base + k, lanes), U32.vec(lanes)) << const(16, U32)
+            return bitcast(w, F32.vec(lanes))
+        if kind == "f16":
+            return cast(load(self.data, base + k, lanes), F32.vec(lanes))
+        if kind == "fp8":
+            return _fp8_to_f32(load(self.data, base + k, lanes))
+        if kind == "i8":
+            return cast(load(self.data, base + k, lanes), F32.vec(lanes))
+        if kind == "i4":
+            raise AssertionError("use raw_vec_i4")
+        raise AssertionError(kind)
+
+    def raw_vec_i4(self, e: Operand, n: Operand, g: Operand, j: int, half: int, lanes: int) -> E:
+        """int4: elements g*group + sub*32 + half*16 + (j..j+lanes) where j counts within the 32-subgroup half."""
+        base = self._row(e, n) + g * (self.group // 2) + j
+        b = cast(load(self.data, base, lanes), I32.vec(lanes))
+        nib = (b & const(15, I32)) if half == 0 else (b >> const(4, I32))
+        return cast(nib - const(8, I32), F32.vec(lanes))
+
+    def raw_scalar(self, e: Operand, n: Operand, k: Operand) -> E:
+        kind = self.pk.kind
+        k = _lift(k, None)
+        if kind == "i4":
+            g, p = k // self.group, k % self.group
+            sub, q = p // 32, p % 32
+            byte = load(self.data, self._row(e, n) + g * (self.group // 2) + sub * 16 + q % 16)
+            b = cast(byte, I32)
+            nib = (b >> (cast((q // 16) * 4, I32))) & const(15, I32)
+            return cast(nib - const(8, I32), F32)
+        return self.raw_vec(e, n, k, 1)
+
+    def scalar(self, e: Operand, n: Operand, k: Operand) -> E:
+        raw = self.raw_scalar(e, n, k)
+        if not self.group:
+            return raw
+        return raw * self.scale(e, n, k // self.group)
+
+
+def _fp8_to_f32(codes: E) -> E:
+    """e4m3 codes (loaded as i8) -> f32 value/256: sext to i16, << 7 puts exponent+mantissa in f16's place and
+    the sign in bits 14 and 15; clearing bit 14 leaves exactly the f16 of value/256 (subnormals included)."""
+    lanes = codes.dtype.count
+    h = (cast(codes, I16.vec(lanes)) << const(7, I16)) & const(-16385, I16)
+    return cast(bitcast(h, F16.vec(lanes)), F32.vec(lanes))
+
+
+def vec_at(wa: WeightAccess, e: Operand, n: Operand, k0: int, lanes: int) -> E:
+    """Scaled values W[e, n, k0:k0+lanes] for a static k0 whose chunk lies inside one scale group."""
+    if wa.pk.kind == "i4":
+        g, off = k0 // wa.group, k0 % wa.group
+        raw = wa.raw_vec_i4(e, n, g, (off // 32) * 16 + off % 16, (off % 32) // 16, lanes)
+    else:
+        raw = wa.raw_vec(e, n, k0, lanes)
+    if not wa.group:
+        return raw
+    return raw * wa.scale(e, n, k0 // wa.group)

@@ -1,0 +1,554 @@
+"""Render kernels to LLVM IR text for CPUs (x86-64 AVX-512/AVX2, AArch64 NEON, Apple M-series).
+
+Text rather than llvmlite's builder: function attributes such as "prefer-vector-width" and fast-math flags on
+single instructions are plain spellings here. Vector lanes map to `<N x T>`; mutable registers are allocas that
+mem2reg promotes; a parallel loop is outlined into `<kernel>.par<n>(ptr ctx)` and run through libgomp's
+`GOMP_parallel`, each thread taking one contiguous chunk of the iterations (the calling thread runs it alone when
+the trip count is below two grains). `dzc_num_threads` (an exported i32) caps the thread count.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Optional
+
+from dzc.codegen.kir import (
+    DT, E, F32, I64, Assign, Buf, If, Kernel, Let, Local, Loop, Module, Prefetch, Store, Var, walk_expr, stmt_exprs,
+    walk_stmts)
+from dzc.codegen.target import Target
+from dzc.errors import CompileError
+
+_SCALAR_TY = {"bool": "i1", "i8": "i8", "u8": "i8", "i16": "i16", "u16": "i16", "i32": "i32", "u32": "i32",
+              "i64": "i64", "f16": "half", "f32": "float"}
+_MEM_TY = dict(_SCALAR_TY, bool="i8")
+
+
+def ty(dt: DT, mem: bool = False) -> str:
+    base = (_MEM_TY if mem else _SCALAR_TY)[dt.name]
+    return base if dt.count == 1 else f"<{dt.count} x {base}>"
+
+
+def _suffix(dt: DT) -> str:
+    base = {"f32": "f32", "f16": "f16"}.get(dt.name, "i" + str(dt.bits))
+    return base if dt.count == 1 else f"v{dt.count}{base}"
+
+
+def _float_lit(v: float, name: str) -> str:
+    if name == "f16":
+        import numpy as np
+        return "0xH%04X" % int(np.array(v, np.float16).view(np.uint16))
+    as32 = struct.unpack("<f", struct.pack("<f", v))[0]
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", as32))[0]
+
+
+class _Fn:
+    """State while one LLVM function body is written."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.allocas: list[str] = []
+        self.n = 0
+        self.block = "entry"
+        self.env: list[dict[str, tuple[str, DT, bool]]] = [{}]   # name -> (value or alloca, type, mutable)
+        self.memo: list[dict[int, tuple[str, bool]]] = [{}]
+
+    def tmp(self, base: str = "t") -> str:
+        self.n += 1
+        return f"%{base}{self.n}"
+
+    def label(self, base: str) -> str:
+        self.n += 1
+        return f"{base}{self.n}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append("  " + line)
+
+    def start_block(self, name: str) -> None:
+        self.lines.append(f"{name}:")
+        self.block = name
+
+    def push(self) -> None:
+        self.env.append({})
+        self.memo.append({})
+
+    def pop(self) -> None:
+        self.env.pop()
+        self.memo.pop()
+
+    def lookup(self, name: str) -> tuple[str, DT, bool]:
+        for scope in reversed(self.env):
+            if name in scope:
+                return scope[name]
+        raise CompileError(f"kernel uses undefined name {name!r}")
+
+
+class LLVMRenderer:
+    """Module -> LLVM IR text. One instance per render."""
+
+    def __init__(self, target: Target, profile: bool = False) -> None:
+        self.target = target
+        self.profile = profile
+        self.decls: dict[str, str] = {}
+        self.funcs: list[str] = []
+        self.fn: _Fn = _Fn()
+        self.kernel: Optional[Kernel] = None
+        self.n_par = 0
+
+    # ---- module -----------------------------------------------------------------------------------------------
+    def render(self, module: Module) -> str:
+        for k in module.kernels.values():
+            self._kernel(k)
+        for prog, calls in module.entries.items():
+            self._entry(prog, calls, module)
+        attrs = [f'"target-cpu"="{self.target.cpu}"']
+        if self.target.features:
+            attrs.append(f'"target-features"="{self.target.features}"')
+        width = self.target.vector_width * 32
+        attrs += [f'"prefer-vector-width"="{width}"', f'"min-legal-vector-width"="{width}"']
+        head = [f'target triple = "{self.target.triple}"', "",
+                "@dzc_num_threads = global i32 1", "declare void @GOMP_parallel(ptr, ptr, i32, i32)",
+                "declare i32 @omp_get_thread_num()", "declare i32 @omp_get_num_threads()"]
+        head += sorted(self.decls.values())
+        tail = [f"attributes #0 = {{ nounwind {' '.join(attrs)} }}",
+                f"attributes #1 = {{ noinline nounwind {' '.join(attrs)} }}"]
+        return "\n".join(head) + "\n\n" + "\n\n".join(self.funcs) + "\n\n" + "\n".join(tail) + "\n"
+
+    def _entry(self, prog: str, calls: list, module: Module) -> None:
+        lines = [f"define void @dzc_{prog}(ptr %buffers, i64 %T, i64 %P) #0 {{", "entry:"]
+        loaded: dict[int, str] = {}
+        n = 0
+        if self.profile:   # per-call cycle counts accumulate in dzc_profile_<prog>[i] (DZC_PROFILE=1 builds)
+            self.decls[f"prof.{prog}"] = f"@dzc_profile_{prog} = global [{max(1, len(calls))} x i64] zeroinitializer"
+            self.decls["llvm.readcyclecounter"] = "declare i64 @llvm.readcyclecounter()"
+        for ci, call in enumerate(calls):
+            if self.profile:
+                lines.append(f"  %c{ci}.0 = call i64 @llvm.readcyclecounter()")
+            kernel = module.kernels[call.kernel]
+            args = []
+            for slot in call.slots:
+                if slot not in loaded:
+                    n += 1
+                    lines.append(f"  %s{n}.p = getelementptr inbounds ptr, ptr %buffers, i64 {slot}")
+                    lines.append(f"  %s{n} = load ptr, ptr %s{n}.p, align 8")
+                    loaded[slot] = f"%s{n}"
+                args.append(f"ptr {loaded[slot]}")
+            args += ["i64 %T", "i64 %P"]
+            assert len(args) == len(kernel.params), (call.kernel, len(args), len(kernel.params))
+            lines.append(f"  call void @{call.kernel}({', '.join(args)})")
+            if self.profile:
+                lines += [f"  %c{ci}.1 = call i64 @llvm.readcyclecounter()",
+                          f"  %c{ci}.d = sub i64 %c{ci}.1, %c{ci}.0",
+                          f"  %c{ci}.p = getelementptr inbounds [{len(calls)} x i64], ptr @dzc_profile_{prog}, i64 0, i64 {ci}",
+                          f"  %c{ci}.o = load i64, ptr %c{ci}.p",
+                          f"  %c{ci}.n = add i64 %c{ci}.o, %c{ci}.d",
+                          f"  store i64 %c{ci}.n, ptr %c{ci}.p"]
+        lines += ["  ret void", "}"]
+        self.funcs.append("\n".join(lines))
+
+    # ---- kernels ------------------------------------------------------------------------------------------------
+    def _signature(self, k: Kernel) -> list[tuple[str, str]]:
+        return [("ptr", f"%{p.name}") if p.buf is not None else ("i64", f"%{p.name}") for p in k.params]
+
+    def _bind_params(self, k: Kernel) -> None:
+        for p in k.params:
+            if p.buf is None:
+                self.fn.env[0][p.name] = (f"%{p.name}", I64, False)
+
+    def _kernel(self, k: Kernel) -> None:
+        self.kernel = k
+        self.fn = _Fn()
+        self._bind_params(k)
+        self._body(k.body)
+        self._finish(f"define internal void @{k.name}(" +
+                     ", ".join(f"{t} {n}" for t, n in self._signature(k)) + ") #1 {")
+
+    def _finish(self, header: str) -> None:
+        fn = self.fn
+        text = [header, "entry:"] + ["  " + a for a in fn.allocas] + fn.lines + ["  ret void", "}"]
+        self.funcs.append("\n".join(text))
+
+    def _body(self, body: list) -> None:
+        for s in body:
+            self._stmt(s)
+
+    def _stmt(self, s) -> None:
+        fn = self.fn
+        if isinstance(s, Loop):
+            if s.parallel:
+                self._parallel(s)
+            else:
+                self._loop(s.var, self.val(s.start), self.val(s.stop), s.step, s.body)
+        elif isinstance(s, Store):
+            self._store(s)
+        elif isinstance(s, Let):
+            fn.env[-1][s.name] = (self.val(s.value), s.value.dtype, False)
+        elif isinstance(s, Var):
+            slot = f"%{s.name}.addr"
+            fn.allocas.append(f"{slot} = alloca {ty(s.init.dtype)}")
+            init = self.val(s.init)
+            fn.emit(f"store {ty(s.init.dtype)} {init}, ptr {slot}")
+            fn.env[-1][s.name] = (slot, s.init.dtype, True)
+        elif isinstance(s, Assign):
+            slot, dt, mutable = fn.lookup(s.name)
+            assert mutable, s.name
+            v = self.val(s.value)
+            fn.emit(f"store {ty(dt)} {v}, ptr {slot}")
+            self._purge()
+        elif isinstance(s, If):
+            c = self.val(s.cond)
+            then, other, end = fn.label("then"), fn.label("else"), fn.label("endif")
+            fn.emit(f"br i1 {c}, label %{then}, label %{other if s.orelse else end}")
+            fn.start_block(then)
+            fn.push(); self._body(s.then); fn.pop()
+            fn.emit(f"br label %{end}")
+            if s.orelse:
+                fn.start_block(other)
+                fn.push(); self._body(s.orelse); fn.pop()
+                fn.emit(f"br label %{end}")
+            fn.start_block(end)
+            self._purge()
+        elif isinstance(s, Prefetch):
+            p = self._ptr(s.buf, s.index)
+            self.decls["llvm.prefetch.p0"] = "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"
+            fn.emit(f"call void @llvm.prefetch.p0(ptr {p}, i32 0, i32 3, i32 1)")
+        elif isinstance(s, Local):
+            slot = f"%{s.buf.name}"
+            fn.allocas.append(f"{slot} = alloca {ty(s.buf.dtype, mem=True)}, i64 {s.size}, align 64")
+            fn.env[-1][s.buf.name] = (slot, s.buf.dtype, False)
+        else:
+            raise CompileError(f"unknown kernel statement {s!r}")
+
+    def _purge(self) -> None:
+        for scope in self.fn.memo:
+            for key in [k for k, (_, impure) in scope.items() if impure]:
+                del scope[key]
+
+    def _loop(self, name: str, start: str, stop: str, step: int, body: list, bind=None) -> None:
+        fn = self.fn
+        head, bodyl, latch, exit_ = fn.label("head"), fn.label("body"), fn.label("latch"), fn.label("exit")
+        pred = fn.block
+        iv, nxt = fn.tmp(name + "."), fn.tmp(name + ".next")
+        fn.emit(f"br label %{head}")
+        fn.start_block(head)
+        fn.emit(f"{iv} = phi i64 [ {start}, %{pred} ], [ {nxt}, %{latch} ]")
+        c = fn.tmp("c")
+        fn.emit(f"{c} = icmp slt i64 {iv}, {stop}")
+        fn.emit(f"br i1 {c}, label %{bodyl}, label %{exit_}")
+        fn.start_block(bodyl)
+        fn.push()
+        if bind is None:
+            fn.env[-1][name] = (iv, I64, False)
+        else:
+            bind(iv)
+        self._body(body)
+        fn.pop()
+        fn.emit(f"br label %{latch}")
+        fn.start_block(latch)
+        fn.emit(f"{nxt} = add nsw i64 {iv}, {step}")
+        fn.emit(f"br label %{head}")
+        fn.start_block(exit_)
+        self._purge()
+
+    def _parallel(self, s: Loop) -> None:
+        """Outline the loop body into `<kernel>.par<n>(ptr ctx)`; ctx = {kernel params..., start, step}."""
+        k, outer = self.kernel, self.fn
+        self._check_closed(s)
+        sig = self._signature(k)
+        fields = [t for t, _ in sig] + ["i64", "i64"]          # params, start, n_iterations
+        struct_ty = "{ " + ", ".join(fields) + " }"
+        self.n_par += 1
+        par_name = f"{k.name}.par{self.n_par}"
+        # caller side
+        start, stop = self.val(s.start), self.val(s.stop)
+        span = outer.tmp("span")
+        outer.emit(f"{span} = sub i64 {stop}, {start}")
+        niter = outer.tmp("niter")
+        if s.step == 1:
+            outer.emit(f"{niter} = add i64 {span}, 0")
+        else:
+            t = outer.tmp()
+            outer.emit(f"{t} = add i64 {span}, {s.step - 1}")
+            outer.emit(f"{niter} = sdiv i64 {t}, {s.step}")
+        ctx = f"%ctx{self.n_par}"
+        outer.allocas.append(f"{ctx} = alloca {struct_ty}, align 8")
+        for i, (t, n) in enumerate(sig + [("i64", start), ("i64", niter)]):
+            p = outer.tmp("f")
+            outer.emit(f"{p} = getelementptr inbounds {struct_ty}, ptr {ctx}, i32 0, i32 {i}")
+            outer.emit(f"store {t} {n}, ptr {p}")
+        want = outer.tmp("want")
+        outer.emit(f"{want} = sdiv i64 {niter}, {max(1, s.grain)}")
+        cap = outer.tmp("cap")
+        outer.emit(f"{cap} = load i32, ptr @dzc_num_threads")
+        cap64 = outer.tmp("cap")
+        outer.emit(f"{cap64} = sext i32 {cap} to i64")
+        nth = outer.tmp("nth")
+        outer.emit(f"{nth} = call i64 @llvm.smin.i64(i64 {want}, i64 {cap64})")
+        self.decls["llvm.smin.i64"] = "declare i64 @llvm.smin.i64(i64, i64)"
+        many = outer.tmp("many")
+        outer.emit(f"{many} = icmp sgt i64 {nth}, 1")
+        fork, alone, done = outer.label("fork"), outer.label("alone"), outer.label("joined")
+        outer.emit(f"br i1 {many}, label %{fork}, label %{alone}")
+        outer.start_block(fork)
+        nth32 = outer.tmp()
+        outer.emit(f"{nth32} = trunc i64 {nth} to i32")
+        outer.emit(f"call void @GOMP_parallel(ptr @{par_name}, ptr {ctx}, i32 {nth32}, i32 0)")
+        outer.emit(f"br label %{done}")
+        outer.start_block(alone)
+        outer.emit(f"call void @{par_name}(ptr {ctx})")
+        outer.emit(f"br label %{done}")
+        outer.start_block(done)
+        # outlined side
+        self.fn = inner = _Fn()
+        vals = []
+        for i, t in enumerate(fields):
+            p, v = inner.tmp("f"), inner.tmp("a")
+            inner.emit(f"{p} = getelementptr inbounds {struct_ty}, ptr %ctx, i32 0, i32 {i}")
+            inner.emit(f"{v} = load {t}, ptr {p}")
+            vals.append(v)
+        for (t, n), v in zip(sig, vals):
+            if t == "i64":
+                inner.env[0][n[1:]] = (v, I64, False)
+        for p, v in zip(k.params, vals):
+            if p.buf is not None:
+                inner.env[0][p.buf.name] = (v, p.buf.dtype, False)
+        pstart, piters = vals[-2], vals[-1]
+        tid, nthr = inner.tmp("tid"), inner.tmp("nth")
+        inner.emit(f"{tid} = call i32 @omp_get_thread_num()")
+        inner.emit(f"{nthr} = call i32 @omp_get_num_threads()")
+        tid64, nth64 = inner.tmp(), inner.tmp()
+        inner.emit(f"{tid64} = sext i32 {tid} to i64")
+        inner.emit(f"{nth64} = sext i32 {nthr} to i64")
+        a, chunk, lo, hi0, hi = inner.tmp(), inner.tmp("chunk"), inner.tmp("lo"), inner.tmp(), inner.tmp("hi")
+        inner.emit(f"{a} = add i64 {piters}, {nth64}")
+        inner.emit(f"{a}.m = sub i64 {a}, 1")
+        inner.emit(f"{chunk} = sdiv i64 {a}.m, {nth64}")
+        inner.emit(f"{lo} = mul i64 {tid64}, {chunk}")
+        inner.emit(f"{hi0} = add i64 {lo}, {chunk}")
+        inner.emit(f"{hi} = call i64 @llvm.smin.i64(i64 {hi0}, i64 {piters})")
+
+        def bind(it: str) -> None:
+            x = inner.tmp(s.var + ".")
+            y = inner.tmp()
+            inner.emit(f"{y} = mul nsw i64 {it}, {s.step}")
+            inner.emit(f"{x} = add nsw i64 {pstart}, {y}")
+            inner.env[-1][s.var] = (x, I64, False)
+        self._loop(s.var + "it", lo, hi, 1, s.body, bind=bind)
+        self._finish(f"define internal void @{par_name}(ptr %ctx) #0 {{")
+        self.fn = outer
+
+    def _check_closed(self, s: Loop) -> None:
+        """A parallel body may read only kernel params, its variable and names it defines itself."""
+        k = self.kernel
+        allowed = {p.name for p in k.params} | {s.var}
+        defined = set()
+        for st in walk_stmts(s.body):
+            if isinstance(st, Loop):
+                defined.add(st.var)
+            elif isinstance(st, (Let, Var)):
+                defined.add(st.name)
+            elif isinstance(st, Local):
+                defined.add(st.buf.name)
+        for st in walk_stmts(s.body):
+            for e in stmt_exprs(st):
+                for x in walk_expr(e):
+                    if x.op == "var" and x.arg not in allowed | defined:
+                        raise CompileError(f"kernel {k.name}: parallel loop reads {x.arg!r} from outside")
+
+    # ---- stores and expressions ------------------------------------------------------------------------------
+    def _ptr(self, buf: Buf, index: E) -> str:
+        fn = self.fn
+        if buf.local:
+            base = fn.lookup(buf.name)[0]
+        else:
+            base = f"%{buf.name}"
+            for scope in fn.env:
+                if scope.get(buf.name):
+                    base = scope[buf.name][0]
+        idx = self.val(index)
+        p = fn.tmp("p")
+        fn.emit(f"{p} = getelementptr inbounds {ty(buf.dtype.scalar, mem=True)}, ptr {base}, i64 {idx}")
+        return p
+
+    def _store(self, s: Store) -> None:
+        fn = self.fn
+        v = self.val(s.value)
+        dt = s.value.dtype
+        if dt.name == "bool":
+            z = fn.tmp()
+            fn.emit(f"{z} = zext {ty(dt)} {v} to {ty(dt, mem=True)}")
+            v = z
+        p = self._ptr(s.buf, s.index)
+        fn.emit(f"store {ty(dt, mem=True)} {v}, ptr {p}, align {dt.itemsize}")
+        self._purge()
+
+    def _impure(self, e: E) -> bool:
+        if e.op == "load":
+            return True
+        if e.op == "var":
+            for scope in reversed(self.fn.env):
+                if e.arg in scope:
+                    return scope[e.arg][2]
+            return False
+        return False
+
+    def val(self, e: E) -> str:
+        fn = self.fn
+        key = id(e)
+        for depth, scope in enumerate(reversed(fn.memo)):
+            hit = scope.get(key)
+            if hit is not None and (depth == 0 or not hit[1]):
+                return hit[0]
+        impure = self._impure(e) or any(self._impure_deep(s) for s in e.src)
+        out = self._compute(e)
+        fn.memo[-1][key] = (out, impure)
+        return out
+
+    def _impure_deep(self, e: E) -> bool:
+        stack, seen = [e], set()
+        while stack:
+            x = stack.pop()
+            if id(x) in seen:
+                continue
+            seen.add(id(x))
+            if self._impure(x):
+                return True
+            stack.extend(x.src)
+        return False
+
+    def _intrinsic(self, name: str, dt: DT, nargs: int, ret: Optional[DT] = None) -> str:
+        full = f"llvm.{name}.{_suffix(dt)}"
+        r = ty(ret or dt)
+        self.decls[full] = f"declare {r} @{full}({', '.join([ty(dt)] * nargs)})"
+        return f"@{full}"
+
+    def _compute(self, e: E) -> str:
+        fn, op, dt = self.fn, e.op, e.dtype
+        if op == "const":
+            if dt.is_float:
+                return _float_lit(e.arg, dt.name)
+            if dt.name == "bool":
+                return "true" if e.arg else "false"
+            return str(int(e.arg))
+        if op == "var":
+            value, vdt, mutable = fn.lookup(e.arg)
+            if not mutable:
+                return value
+            out = fn.tmp("r")
+            fn.emit(f"{out} = load {ty(vdt)}, ptr {value}")
+            return out
+        if op == "load":
+            p = self._ptr(e.arg, e.src[0])
+            out = fn.tmp("ld")
+            fn.emit(f"{out} = load {ty(dt, mem=True)}, ptr {p}, align {dt.itemsize}")
+            if dt.name == "bool":
+                b = fn.tmp()
+                zero = "0" if dt.count == 1 else "zeroinitializer"
+                fn.emit(f"{b} = icmp ne {ty(dt, mem=True)} {out}, {zero}")
+                return b
+            return out
+        args = [self.val(s) for s in e.src]
+        out = fn.tmp()
+        sdt = e.src[0].dtype if e.src else dt
+        t = ty(sdt)
+        if op in ("add", "sub", "mul"):
+            ins = ("f" + op) if sdt.is_float else op
+            fn.emit(f"{out} = {ins} {t} {args[0]}, {args[1]}")
+        elif op in ("div", "mod"):
+            if sdt.is_float:
+                ins = "fdiv" if op == "div" else "frem"
+            else:
+                ins = ("s" if sdt.is_signed else "u") + ("div" if op == "div" else "rem")
+            fn.emit(f"{out} = {ins} {t} {args[0]}, {args[1]}")
+        elif op in ("max", "min"):
+            if sdt.is_float:
+                f = self._intrinsic("maxnum" if op == "max" else "minnum", sdt, 2)
+            else:
+                f = self._intrinsic(("s" if sdt.is_signed else "u") + op, sdt, 2)
+            fn.emit(f"{out} = call {t} {f}({t} {args[0]}, {t} {args[1]})")
+        elif op in ("and", "or", "xor", "shl"):
+            fn.emit(f"{out} = {op} {t} {args[0]}, {args[1]}")
+        elif op == "shr":
+            fn.emit(f"{out} = {'ashr' if sdt.is_signed else 'lshr'} {t} {args[0]}, {args[1]}")
+        elif op in ("lt", "le", "eq", "ne"):
+            if sdt.is_float:
+                pred = {"lt": "olt", "le": "ole", "eq": "oeq", "ne": "une"}[op]
+                fn.emit(f"{out} = fcmp {pred} {t} {args[0]}, {args[1]}")
+            else:
+                pred = {"lt": "lt", "le": "le"}.get(op)
+                pred = (("s" if sdt.is_signed else "u") + pred) if pred else op
+                fn.emit(f"{out} = icmp {pred} {t} {args[0]}, {args[1]}")
+        elif op == "neg":
+            if sdt.is_float:
+                fn.emit(f"{out} = fneg {t} {args[0]}")
+            else:
+                fn.emit(f"{out} = sub {t} {'0' if sdt.count == 1 else 'zeroinitializer'}, {args[0]}")
+        elif op == "not":
+            ones = "true" if sdt.count == 1 else "<" + ", ".join(["i1 true"] * sdt.count) + ">"
+            fn.emit(f"{out} = xor {t} {args[0]}, {ones}")
+        elif op in ("exp", "log", "sqrt", "sin", "cos"):
+            f = self._intrinsic(op, sdt, 1)
+            fn.emit(f"{out} = call {t} {f}({t} {args[0]})")
+        elif op == "fma":
+            f = self._intrinsic("fma", sdt, 3)
+            fn.emit(f"{out} = call {t} {f}({t} {args[0]}, {t} {args[1]}, {t} {args[2]})")
+        elif op == "where":
+            t = ty(dt)
+            fn.emit(f"{out} = select {ty(e.src[0].dtype)} {args[0]}, {t} {args[1]}, {t} {args[2]}")
+        elif op == "cast":
+            ins = _cast_ins(sdt, dt)
+            if ins is None:
+                return self._cast_to_bool(sdt, args[0], out)
+            fn.emit(f"{out} = {ins} {t} {args[0]} to {ty(dt)}")
+        elif op == "bitcast":
+            fn.emit(f"{out} = bitcast {t} {args[0]} to {ty(dt)}")
+        elif op == "bcast":
+            v1 = fn.tmp()
+            fn.emit(f"{v1} = insertelement <1 x {ty(sdt)}> poison, {ty(sdt)} {args[0]}, i64 0")
+            fn.emit(f"{out} = shufflevector <1 x {ty(sdt)}> {v1}, <1 x {ty(sdt)}> poison, "
+                    f"<{dt.count} x i32> zeroinitializer")
+        elif op == "vreduce_add":
+            if sdt.is_float:
+                f = f"llvm.vector.reduce.fadd.{_suffix(sdt)}"
+                self.decls[f] = f"declare {ty(dt)} @{f}({ty(dt)}, {t})"
+                fn.emit(f"{out} = call reassoc {ty(dt)} @{f}({ty(dt)} {_float_lit(-0.0, dt.name)}, {t} {args[0]})")
+            else:
+                f = f"llvm.vector.reduce.add.{_suffix(sdt)}"
+                self.decls[f] = f"declare {ty(dt)} @{f}({t})"
+                fn.emit(f"{out} = call {ty(dt)} @{f}({t} {args[0]})")
+        elif op == "vreduce_max":
+            kind = "fmax" if sdt.is_float else ("smax" if sdt.is_signed else "umax")
+            f = f"llvm.vector.reduce.{kind}.{_suffix(sdt)}"
+            self.decls[f] = f"declare {ty(dt)} @{f}({t})"
+            fn.emit(f"{out} = call {ty(dt)} @{f}({t} {args[0]})")
+        elif op == "gep":
+            fn.emit(f"{out} = extractelement {t} {args[0]}, i64 {e.arg}")
+        else:
+            raise CompileError(f"LLVM renderer: unknown kernel op {op!r}")
+        return out
+
+    def _cast_to_bool(self, src: DT, v: str, out: str) -> str:
+        zero = "zeroinitializer" if src.count > 1 else ("0.0" if src.is_float else "0")
+        self.fn.emit(f"{out} = {'fcmp une' if src.is_float else 'icmp ne'} {ty(src)} {v}, {zero}")
+        return out
+
+
+def _cast_ins(src: DT, dst: DT) -> Optional[str]:
+    if dst.name == "bool":
+        return None
+    if src.is_float and dst.is_float:
+        return "fpext" if dst.bits > src.bits else ("fptrunc" if dst.bits < src.bits else "bitcast")
+    if src.is_float:
+        return "fptosi" if dst.is_signed else "fptoui"
+    if dst.is_float:
+        return "sitofp" if src.is_signed else "uitofp"
+    if dst.bits > src.bits:
+        return "sext" if src.is_signed else "zext"
+    if dst.bits < src.bits:
+        return "trunc"
+    return "bitcast"
+
+
+def render_llvm(module: Module, target: Target, profile: Optional[bool] = None) -> str:
+    if profile is None:
+        import os
+        profile = os.environ.get("DZC_PROFILE", "") == "1"
+    return LLVMRenderer(target, profile).render(module)
