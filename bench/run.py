@@ -27,7 +27,7 @@ import numpy as np
 def compile_if_missing(ckpt: Path, out: Path, quant, threads: int) -> Path:
     if (out / "manifest.json").is_file():
         return out
-    from dzc.codegen.compile import compile_checkpoint
+    from dzc.driver import compile_checkpoint
     t0 = time.time()
     print(f"compiling {ckpt.name} quant={quant} -> {out}", file=sys.stderr, flush=True)
     compile_checkpoint(ckpt, out, quant=quant, threads=threads)

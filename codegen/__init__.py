@@ -3,7 +3,6 @@
 Public entry points (import the submodules; this package imports nothing heavy, so the runtime can load
 artifacts without llvmlite):
   dzc.codegen.compile.compile_model(programs, weights, config, out_dir, cpu=, triple=, progress=)
-  dzc.codegen.compile.compile_checkpoint(checkpoint_dir, out_dir, quant=, cpu=, triple=, progress=)
   dzc.codegen.compile.lower_programs(programs, weights, target) -> (Module, SlotTable)
   dzc.codegen.runner.NativeProgram(program, weights).run(inputs)
   dzc.codegen.target.cpu_target(cpu=, triple=) / host_target()

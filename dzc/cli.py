@@ -85,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 rows.append(event.logits)
             finish, stats = event.finish_reason or finish, event.stats or stats
         out.write("\n")
+        out.flush()
         logits = np.stack(rows) if rows else np.zeros((0, model.config.vocab_size), np.float32)
         if stats is not None:
             print(f"[{finish}] prompt {stats.prompt_tokens} tok, {stats.prefill_tokens_per_s:.1f} tok/s | "
@@ -121,7 +122,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from dzc.codegen.compile import compile_checkpoint
+    from dzc.driver import compile_checkpoint
     from dzc.progress import ProgressBar
 
     out = compile_checkpoint(args.model, args.output, target=args.target, quant=args.quant, cpu=args.cpu,

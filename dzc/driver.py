@@ -81,6 +81,24 @@ def run_passes(programs: Mapping[str, Program], store: WeightStore, config: Mode
     return out
 
 
+def compile_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, target: str = "cpu",
+                       quant: Optional[str] = None, cpu: Optional[str] = None, triple: Optional[str] = None,
+                       threads: Optional[int] = None, progress: Optional[Progress] = None) -> Path:
+    """`dzc compile`: checkpoint -> traced prefill/decode -> the target's pass pipeline -> artifact folder."""
+    from dzc.codegen.compile import compile_model
+    ck = Checkpoint.open(checkpoint)
+    ck.validate()
+    if progress is not None:
+        progress("trace", 0, 1, str(checkpoint))
+    traced, store = trace_checkpoint(ck)
+    if progress is not None:
+        progress("trace", 1, 1, "")
+    programs = run_passes(traced, store, ck.config, target, quant, progress)
+    return compile_model(programs, store, ck.config, out_dir, target=target, quant=quant, cpu=cpu, triple=triple,
+                         threads=threads, progress=progress, tokenizer_dir=ck.tokenizer_dir,
+                         vocab_size=ck.config.vocab_size)
+
+
 def is_artifact(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from dzc.checkpoint.loader import Checkpoint
-from dzc.codegen.compile import compile_model, run_passes
+from dzc.codegen.compile import compile_model
+from dzc.driver import run_passes
 from dzc.driver import open_model, trace_checkpoint
 from dzc.errors import DeviceError
 from dzc.runtime.interp_executor import InterpreterExecutor

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dzc.checkpoint.loader import Checkpoint
-from dzc.codegen.compile import compile_model, run_passes
+from dzc.codegen.compile import compile_model
+from dzc.driver import run_passes
 from dzc.driver import trace_checkpoint
 from dzc.runtime.interp_executor import InterpreterExecutor
 from dzc.runtime.native_executor import NativeExecutor
