@@ -27,3 +27,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf build $(VENV)
+
+# Not part of test: a llama-bench-shaped table on a synthetic 1.4B-param DeepSeek-V3-shaped checkpoint (~10 GB of
+# disk in $(BENCH_DIR), about an hour on two cores). Run it on a quiet machine.
+BENCH_DIR ?= /tmp/dzc-bench
+.PHONY: bench
+bench: $(STAMP)
+	test -f $(BENCH_DIR)/dsv3-bf16/config.json || $(PY) bench/make_checkpoint.py $(BENCH_DIR)/dsv3-bf16
+	test -f $(BENCH_DIR)/dsv3-fp8/config.json || $(PY) bench/make_checkpoint.py $(BENCH_DIR)/dsv3-fp8 --fp8
+	$(PY) bench/run.py --bf16 $(BENCH_DIR)/dsv3-bf16 --fp8 $(BENCH_DIR)/dsv3-fp8 --work $(BENCH_DIR) --threads 1 2
