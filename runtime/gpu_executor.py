@@ -23,6 +23,7 @@ import numpy as np
 
 from dzc.codegen.gpu import eval_host
 from dzc.errors import ArtifactError, DeviceError, InputError
+from dzc.runtime.executor import CompiledExecutor
 from dzc.runtime.artifact import Artifact, map_safetensors, read_manifest, sha256_file
 from dzc.runtime import artifact as art
 
@@ -97,7 +98,7 @@ def gpu_executor_factory(artifact: Artifact, **kwargs) -> Callable[[int], "GpuEx
     return make
 
 
-class GpuExecutor:
+class GpuExecutor(CompiledExecutor):
     """ModelExecutor over a GPU artifact (see runtime/executor.py for the protocol)."""
 
     target = ""
@@ -221,40 +222,6 @@ class GpuExecutor:
                     seq.append((self._prepare(launch, bound), launch))
             self.runs[prog] = seq
 
-    # ---- the ModelExecutor protocol ----------------------------------------------------------------------------
-    @property
-    def position(self) -> int:
-        return self._length
-
-    def reset(self) -> None:
-        self._length = 0
-
-    def forward(self, token_ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(token_ids).reshape(-1)
-        n = len(ids)
-        if n == 0:
-            return np.zeros((0, self.vocab_size), np.float32)
-        if self._length + n > self.max_context:
-            raise InputError(f"{self._length + n} tokens exceed the context of {self.max_context}; "
-                             f"use a larger --max-context")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
-            raise InputError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
-        ids = ids.astype(np.int32)
-        out = np.empty((n, self.vocab_size), np.float32)
-        done = 0
-        while done < n:
-            if n - done == 1 and "decode" in self.programs:
-                prog, t = "decode", 1
-            else:
-                prog, t = "prefill", min(self.prefill_chunk, n - done)
-            self._run(prog, ids[done:done + t])
-            logits = np.empty(t * self.vocab_size, np.float32)
-            self._download(self.outputs["logits"][0], 0, logits)
-            out[done:done + t] = logits.reshape(t, self.vocab_size)
-            done += t
-        return out
-
     def _run(self, prog: str, ids: np.ndarray) -> None:
         t, p = len(ids), self._length
         self._upload(self.inputs["tokens"][0], 0, ids.astype(np.int32))
@@ -265,3 +232,8 @@ class GpuExecutor:
                 self._enqueue(prepared, launch, t, p, n)
         self._finish()
         self._length += t
+
+    def _logits(self, t: int) -> np.ndarray:
+        logits = np.empty(t * self.vocab_size, np.float32)
+        self._download(self.outputs["logits"][0], 0, logits)
+        return logits.reshape(t, self.vocab_size)

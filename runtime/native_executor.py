@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from dzc.errors import ArtifactError, InputError
+from dzc.runtime.executor import CompiledExecutor
 from dzc.runtime.artifact import Artifact, load_artifact
 
 _NP = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "i64": np.int64, "u8": np.uint8, "i8": np.int8,
@@ -66,7 +67,7 @@ def _aligned_empty(nbytes: int, dtype=np.uint8) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype) if nbytes else raw[:0].view(dtype)
 
 
-class NativeExecutor:
+class NativeExecutor(CompiledExecutor):
     """ModelExecutor over a compiled CPU artifact (see runtime/executor.py for the protocol)."""
 
     def __init__(self, artifact: str | Path | Artifact, max_context: int = 2048, threads: Optional[int] = None,
@@ -156,44 +157,15 @@ class NativeExecutor:
             raise ArtifactError(f"{art.path}: the compiled programs produce no 'logits'")
         self.kv_cache_bytes_per_token = int(sum(a.shape[1] * a.itemsize for a in self.caches.values()))
 
-    # ---- the ModelExecutor protocol ----------------------------------------------------------------------------
-    @property
-    def position(self) -> int:
-        return self._length
-
-    def reset(self) -> None:
-        self._length = 0
-
-    def forward(self, token_ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(token_ids).reshape(-1)
-        n = len(ids)
-        if n == 0:
-            return np.zeros((0, self.vocab_size), np.float32)
-        if self._length + n > self.max_context:
-            raise InputError(f"{self._length + n} tokens exceed the context of {self.max_context}; "
-                             f"use a larger --max-context")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
-            raise InputError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
-        ids = ids.astype(np.int32)
-        out = np.empty((n, self.vocab_size), np.float32)
-        done = 0
-        while done < n:
-            if n - done == 1 and "decode" in self.programs:
-                prog, t = "decode", 1
-            else:
-                prog, t = "prefill", min(self.prefill_chunk, n - done)
-            self._run(prog, ids[done:done + t])
-            out[done:done + t] = self.outputs["logits"][: t * self.vocab_size].reshape(t, self.vocab_size)
-            done += t
-        return out
-
     def _run(self, prog: str, ids: np.ndarray) -> None:
         t, p = len(ids), self._length
         self.inputs["tokens"][:t] = ids
         self.inputs["positions"][:t] = np.arange(p, p + t, dtype=np.int32)
         self._entries[prog](self._table, t, p)
         self._length += t
+
+    def _logits(self, t: int) -> np.ndarray:
+        return self.outputs["logits"][: t * self.vocab_size].reshape(t, self.vocab_size)
 
 
 class _OrcLib:
