@@ -12,7 +12,7 @@ import numpy as np
 
 from dzc.codegen.builder import KernelBuilder
 from dzc.codegen.jit import JitModule
-from dzc.codegen.kir import F32, Call, Module, const, fma, load, reduce_add
+from dzc.codegen.kir import F32, Call, Module, const, load, reduce_add
 from dzc.codegen.target import host_target
 
 

@@ -11,7 +11,7 @@ Every kernel gets the scalar parameters T and P after its buffers, so all kernel
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator
 
 from dzc.codegen.kir import (
     Assign, Buf, DT, E, I64, If, Kernel, Let, Local, Loop, Operand, Param, Prefetch, Store, Var, _lift, var)

@@ -39,7 +39,7 @@ import numpy as np
 from dzc.codegen import kir
 from dzc.codegen.gpu import Launch, c_name, legalize_lanes, split_launches, written_buffers
 from dzc.codegen.kir import (
-    DT, E, I64, Assign, Buf, If, Kernel, Let, Local, Loop, Module, Store, Var, walk_expr, walk_stmts, stmt_exprs)
+    DT, E, I64, Assign, Buf, If, Let, Local, Loop, Module, Store, Var, walk_expr, walk_stmts, stmt_exprs)
 from dzc.errors import CompileError
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "and": "&", "or": "|", "xor": "^", "shl": "<<",

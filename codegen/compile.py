@@ -210,18 +210,8 @@ def compile_model(programs: Mapping[str, Program], weights, config: Any, out_dir
     progress("link", 1, 1, library)
     specs, arrays = packed_stream(slots, weights, progress)
     art.write_aligned_stream(out / art.WEIGHTS, specs, arrays, {"format": "dzc-compiled-weights"})
-    copied = []
-    if tokenizer_dir:
-        for name in art.TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, out / name)
-                copied.append(name)
-    if vocab_size is None:
-        vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is None:
-        first = next(iter(programs.values()))
-        vocab_size = int(first.output("logits").shape[-1])
+    copied = copy_tokenizer(tokenizer_dir, out)
+    vocab_size = resolve_vocab_size(vocab_size, config, programs)
     files = [library, art.WEIGHTS] + copied
     progress("hash", 0, len(files), "")
     manifest = {
@@ -246,6 +236,27 @@ def compile_model(programs: Mapping[str, Program], weights, config: Any, out_dir
     (out / art.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
     progress("done", 1, 1, str(out))
     return out
+
+
+def copy_tokenizer(tokenizer_dir: Optional[str | Path], out: Path) -> list[str]:
+    """Copy the checkpoint's tokenizer files that exist into the artifact; returns their names."""
+    copied = []
+    if tokenizer_dir:
+        for name in art.TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, out / name)
+                copied.append(name)
+    return copied
+
+
+def resolve_vocab_size(vocab_size: Optional[int], config: Any, programs: Mapping[str, Program]) -> int:
+    """The explicit size, else the config's, else the width of the programs' logits."""
+    if vocab_size is None:
+        vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is None:
+        vocab_size = next(iter(programs.values())).output("logits").shape[-1]
+    return int(vocab_size)
 
 
 def _features_ok(tgt: Target) -> bool:

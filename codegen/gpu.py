@@ -21,12 +21,12 @@ Metal 4) into chunks of at most that many lanes, so renderers only ever see nati
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from dzc.codegen import kir
 from dzc.codegen.kir import (
-    DT, E, I64, Assign, Buf, If, Kernel, Let, Local, Loop, Param, Prefetch, Store, Var, walk_expr, walk_stmts,
+    DT, E, Assign, If, Kernel, Let, Local, Loop, Param, Prefetch, Store, Var, walk_expr, walk_stmts,
     stmt_exprs)
 from dzc.errors import CompileError
 

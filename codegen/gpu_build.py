@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -104,18 +103,8 @@ def compile_gpu_model(programs: Mapping[str, Program], weights, config: Any, out
     progress("render", 1, 1, ", ".join(files))
     tensors = cc.pack_slots(slots, weights, progress)
     art.write_aligned_safetensors(out / art.WEIGHTS, tensors, {"format": "dzc-compiled-weights"}, progress)
-    copied = []
-    if tokenizer_dir:
-        for name in art.TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, out / name)
-                copied.append(name)
-    if vocab_size is None:
-        vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is None:
-        first = next(iter(programs.values()))
-        vocab_size = int(first.output("logits").shape[-1])
+    copied = cc.copy_tokenizer(tokenizer_dir, out)
+    vocab_size = cc.resolve_vocab_size(vocab_size, config, programs)
     device_files = sorted(files)
     all_files = device_files + [art.WEIGHTS] + copied
     manifest = {

@@ -23,7 +23,6 @@ from dzc.codegen.gpu_build import gpu_target
 from dzc.codegen.kir import Module
 from dzc.codegen.opencl import render_opencl
 from dzc.errors import CompileError
-from dzc.ir.interpreter import bind_symbols
 from dzc.ir.program import Program
 from dzc.runtime.native_executor import _NP, plan_arena, poly_eval
 
@@ -86,15 +85,8 @@ class OpenCLProgram:
         """Run once (`coop` overrides the constructor's choice of launch forms for this run)."""
         cl = self.cl
         coop = self.coop if coop is None else coop
-        cache_rows = dict(cache_rows or {})
-        shaped = {}
-        for node in self.program.inputs:
-            a = np.asarray(inputs[node.arg])
-            shaped[node.arg] = a[: cache_rows[node.arg]] if node.arg in cache_rows else a
-        env = bind_symbols(self.program, shaped)
-        env.setdefault("T", 1)
-        env.setdefault("P", 0)
-        from dzc.codegen.runner import NativeProgram
+        from dzc.codegen.runner import NativeProgram, run_env
+        env = run_env(self.program, inputs, cache_rows)
         slots = [NativeProgram._slot_json(s) for s in self.slots.slots]
         total, offsets = plan_arena(slots, {self.program.name: env})
         arena = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, size=max(64, total))

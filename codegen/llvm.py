@@ -12,7 +12,7 @@ import struct
 from typing import Optional
 
 from dzc.codegen.kir import (
-    DT, E, F32, I64, Assign, Buf, If, Kernel, Let, Local, Loop, Module, Prefetch, Store, Var, walk_expr, stmt_exprs,
+    DT, E, I64, Assign, Buf, If, Kernel, Let, Local, Loop, Module, Prefetch, Store, Var, walk_expr, stmt_exprs,
     walk_stmts)
 from dzc.codegen.target import Target
 from dzc.errors import CompileError

@@ -21,8 +21,8 @@ from dzc.codegen import kir
 from dzc.codegen.builder import KernelBuilder
 from dzc.codegen.kir import Buf, Call, E, Module
 from dzc.codegen.kernels.weights import WeightAccess
-from dzc.codegen.layout import Packed, pack_weight, packed_format, rows_cols
-from dzc.codegen.poly import Poly, prod
+from dzc.codegen.layout import packed_format, rows_cols
+from dzc.codegen.poly import Poly
 from dzc.codegen.target import Target
 from dzc.codegen.values import (
     Lazy, Slot, SlotTable, Value, View, WeightVal, broadcast_index, kdt, numel, reshape_index, reshape_view)

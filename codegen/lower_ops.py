@@ -9,12 +9,10 @@ from dzc.codegen.kernels import attention as attn
 from dzc.codegen.kernels import moe as moe_k
 from dzc.codegen.kernels.linear import gemm, gemv
 from dzc.codegen.kernels.weights import WeightAccess
-from dzc.codegen.layout import packed_format, rows_cols
+from dzc.codegen.layout import packed_format
 from dzc.codegen.lower import KC, Lowerer, elementwise, expand, handles, permute, reshape, shape_of, slice_
 from dzc.codegen.poly import Poly
-from dzc.codegen.values import Lazy, View, WeightVal, broadcast_index, kdt, numel
-from dzc.errors import CompileError
-from dzc.ir.dtypes import DType
+from dzc.codegen.values import Lazy, View, WeightVal, broadcast_index, kdt
 from dzc.ir.node import Node
 from dzc.ir.ops import Op
 
@@ -279,7 +277,6 @@ def _rmsnorm(low: Lowerer, node: Node):
     with kb.loop(0, R.expr(), parallel=True, grain=max(1, 8192 // H), name="r") as r:
         xo = kb.let(x.offset.expr() + r * xs.expr(), "xo")
         yo = kb.let(dest.offset.expr() + r * H, "yo")
-        acc = None
         ss = kb.reg(const(0.0, F32.vec(V)), "ss")
         if H // V:
             with kb.loop(0, H // V * V, step=V, name="k") as k:

@@ -20,7 +20,6 @@ Targets: sm_80 (PTX ISA 7.0) and sm_90 (PTX ISA 8.0); `ptxas -arch=sm_80|sm_90` 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from dzc.codegen.c_style import GpuSource, coop_plan
 from dzc.codegen.gpu import Launch, split_launches

@@ -19,6 +19,20 @@ from dzc.ir.program import Program
 from dzc.runtime.native_executor import _NP, plan_arena, poly_eval, _aligned_empty
 
 
+def run_env(program: Program, inputs: Mapping[str, np.ndarray],
+            cache_rows: Optional[Mapping[str, int]] = None) -> dict[str, int]:
+    """T and P for one run. Cache inputs arrive at full capacity; `cache_rows[name]` rows of them are in use."""
+    cache_rows = dict(cache_rows or {})
+    shaped = {}
+    for node in program.inputs:
+        a = np.asarray(inputs[node.arg])
+        shaped[node.arg] = a[: cache_rows[node.arg]] if node.arg in cache_rows else a
+    env = bind_symbols(program, shaped)
+    env.setdefault("T", 1)
+    env.setdefault("P", 0)
+    return env
+
+
 class NativeProgram:
     def __init__(self, program: Program, store, target: Optional[Target] = None, threads: int = 2) -> None:
         self.program = program
@@ -30,14 +44,7 @@ class NativeProgram:
     def run(self, inputs: Mapping[str, np.ndarray], cache_rows: Optional[Mapping[str, int]] = None
             ) -> dict[str, np.ndarray]:
         """Run once. For cache inputs pass the full-capacity array and `cache_rows[name]` = P (rows in use)."""
-        cache_rows = dict(cache_rows or {})
-        shaped = {}
-        for node in self.program.inputs:
-            a = np.asarray(inputs[node.arg])
-            shaped[node.arg] = a[: cache_rows[node.arg]] if node.arg in cache_rows else a
-        env = bind_symbols(self.program, shaped)
-        env.setdefault("T", 1)
-        env.setdefault("P", 0)
+        env = run_env(self.program, inputs, cache_rows)
         slots = [self._slot_json(s) for s in self.slots.slots]
         total, offsets = plan_arena(slots, {self.program.name: env})
         arena = _aligned_empty(total)

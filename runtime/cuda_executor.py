@@ -30,7 +30,7 @@ def cuda_driver():
         raise DeviceError("no CUDA device: the cuda runtime needs cuda-python (pip install 'dzc[cuda]')") from None
     try:
         err, = driver.cuInit(0)
-    except Exception as exc:    # cuda-python raises when libcuda (the NVIDIA driver) cannot be loaded
+    except Exception:    # cuda-python raises when libcuda (the NVIDIA driver) cannot be loaded
         raise DeviceError("no CUDA device: the NVIDIA driver (libcuda) is not installed on this machine") from None
     if err != driver.CUresult.CUDA_SUCCESS:
         raise DeviceError(f"no CUDA device: cuInit failed ({_name(driver, err)})")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from dzc.codegen.gpu import eval_host
-from dzc.errors import ArtifactError, DeviceError, InputError
+from dzc.errors import ArtifactError, InputError
 from dzc.runtime.executor import CompiledExecutor
 from dzc.runtime.artifact import Artifact, map_safetensors, read_manifest, sha256_file
 from dzc.runtime import artifact as art

@@ -104,7 +104,6 @@ class MetalExecutor(GpuExecutor):
         return (pso, bindings, group, width)
 
     def _run(self, prog: str, ids: np.ndarray) -> None:
-        mtl = self.mtl
         self._cmd = self.queue.commandBuffer()
         self._enc = self._cmd.computeCommandEncoder()
         try:

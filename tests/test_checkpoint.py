@@ -360,7 +360,6 @@ def test_fixtures_open_and_validate(tiny_qlora_yarn, tiny_direct_q_plain_rope, t
 
 
 def test_f32_decodes_exactly(tiny_qlora_yarn, tiny_bf16, tiny_fp8_sharded):
-    import torch
     from safetensors.torch import load_file
 
     ckpt = Checkpoint.open(tiny_qlora_yarn / "model.safetensors")  # a single file path works too

@@ -18,7 +18,7 @@ from dzc.ir.node import FusedBody, Node, WeightFormat
 from dzc.ir.ops import Op
 from dzc.ir.program import Program
 from dzc.ir.shapes import P, T
-from dzc.ir.tracer import Tensor, arange, concat, const, gather, input_, linear, moe, take, topk, weight
+from dzc.ir.tracer import Tensor, arange, concat, gather, input_, linear, moe, take, topk, weight
 from dzc.ir.weights import WeightStore
 
 RNG = np.random.default_rng(1234)

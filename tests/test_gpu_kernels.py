@@ -10,7 +10,6 @@ rendered as Metal (type-checked with libclang against codegen/metal_shim.h) and 
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 
 import pytest

@@ -13,7 +13,7 @@ from dzc.codegen import kir
 from dzc.codegen.builder import KernelBuilder
 from dzc.codegen.c_style import coop_plan
 from dzc.codegen.gpu import eval_host, host_expr, legalize_lanes, split_launches
-from dzc.codegen.kir import BOOL, F16, F32, I32, I64, U8, U16, U32, Module, bitcast, cast, const, fma, load
+from dzc.codegen.kir import BOOL, F16, F32, I64, U8, U16, U32, Module, bitcast, cast, const, fma, load
 from dzc.codegen.opencl import OpenCLRenderer
 from dzc.errors import CompileError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from dzc.codegen.builder import KernelBuilder
-from dzc.codegen.kir import Buf, E, F32, I64, Operand, cast, const, exp, fma, load, maximum, minimum, reduce_add
+from dzc.codegen.kir import Buf, E, F32, I64, cast, const, exp, fma, load, maximum, minimum, reduce_add
 
 NEG_INF = float("-inf")
 

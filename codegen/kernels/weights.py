@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from dzc.codegen.kir import (
-    Buf, E, F16, F32, I16, I32, I64, U16, U32, Operand, _lift, bitcast, cast, const, load)
+    Buf, E, F16, F32, I16, I32, U32, Operand, _lift, bitcast, cast, const, load)
 from dzc.codegen.layout import Packed
 
 

@@ -21,7 +21,7 @@ from dzc.ir.dtypes import DType
 from dzc.ir.node import WeightFormat
 from dzc.ir.program import Program
 from dzc.ir.shapes import Dim, P, T
-from dzc.ir.tracer import Tensor, arange, concat, const, gather, input_, linear, moe, take, topk, weight
+from dzc.ir.tracer import Tensor, arange, concat, gather, input_, linear, moe, take, topk, weight
 
 FormatOf = Callable[[str], WeightFormat]
 INV_FREQ = "rope.inv_freq"  # a constant the model adds to the weight store, not a checkpoint tensor
