@@ -122,16 +122,22 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from dzc.cli_ir import pass_print_options
     from dzc.driver import compile_checkpoint
+    from dzc.passes.manager import RunOptions
     from dzc.progress import ProgressBar
 
+    print_before, print_after, dump_dir = pass_print_options(args)
+    options = RunOptions(print_before=print_before, print_after=print_after, dump_dir=dump_dir)
     out = compile_checkpoint(args.model, args.output, target=args.target, quant=args.quant, cpu=args.cpu,
-                             triple=args.triple, threads=args.threads, progress=ProgressBar())
+                             triple=args.triple, threads=args.threads, progress=ProgressBar(), options=options)
     print(f"compiled {args.model} for {args.target} -> {out}", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dzc.cli_ir import add_ir_parser, add_pass_print_args
+    from dzc.cli_serve import add_serve_parser
     parser = argparse.ArgumentParser(prog="dzc", description="Compile and run DeepSeek-V3-family models.")
     parser.add_argument("--version", action="version", version=f"dzc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--cpu", default=None, help="CPU to compile for (default: this machine's), e.g. x86-64-v3, apple-m1")
     comp.add_argument("--triple", default=None, help="target triple, e.g. aarch64-unknown-linux-gnu")
     comp.add_argument("--threads", type=int, default=None, help="default thread count stored in the artifact")
+    add_pass_print_args(comp)
     comp.set_defaults(func=cmd_compile)
 
     run = sub.add_parser("run", help="generate text from a checkpoint (interpreted) or a compiled artifact")
@@ -162,8 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save float32 [generated, vocab]: row i holds the logits that chose token i")
     run.set_defaults(func=cmd_run)
 
-    from dzc.cli_ir import add_ir_parser
-    from dzc.cli_serve import add_serve_parser
     add_ir_parser(sub)
     add_serve_parser(sub)
 

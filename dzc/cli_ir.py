@@ -31,11 +31,7 @@ def add_ir_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", default="interp", help="code generator the pipeline is for (interp, cpu, ...)")
     p.add_argument("--phase", default="decode", choices=PHASES, help="entry point to compile (default decode)")
     p.add_argument("--quant", default=None, metavar="Q", help="weight format to quantize to (default: keep)")
-    p.add_argument("--print-before", action="append", default=[], metavar="PASS|all",
-                   help="print the program before this pass (repeatable, or comma-separated)")
-    p.add_argument("--print-after", action="append", default=[], metavar="PASS|all",
-                   help="print the program after this pass (repeatable, or comma-separated)")
-    p.add_argument("--dump-dir", default=None, metavar="DIR", help="write NN-<pass>.ir after every pass into DIR")
+    add_pass_print_args(p)
     p.add_argument("--verify-passes", action="store_true",
                    help="interpret the program before and after every pass on random inputs; print the table")
     p.add_argument("--dot", default=None, metavar="FILE", help="write the final program as a Graphviz graph")
@@ -44,6 +40,24 @@ def add_ir_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="prefill chunk the memory plan is sized for")
     p.set_defaults(func=run_ir)
     return p
+
+
+def add_pass_print_args(p: argparse.ArgumentParser) -> None:
+    """--print-before/--print-after/--dump-dir, shared by `dzc ir` and `dzc compile`."""
+    p.add_argument("--print-before", action="append", default=[], metavar="PASS|all",
+                   help="print the program before this pass (repeatable, or comma-separated)")
+    p.add_argument("--print-after", action="append", default=[], metavar="PASS|all",
+                   help="print the program after this pass (repeatable, or comma-separated)")
+    p.add_argument("--dump-dir", default=None, metavar="DIR", help="write NN-<pass>.ir after every pass into DIR")
+
+
+def pass_print_options(args: argparse.Namespace) -> tuple[frozenset[str], frozenset[str], Optional[Path]]:
+    """The validated (print_before, print_after, dump_dir) of add_pass_print_args."""
+    from dzc.passes.pipeline import all_passes
+    known = {p.name for p in all_passes()}
+    return (_selection(args.print_before, known, "--print-before"),
+            _selection(args.print_after, known, "--print-after"),
+            Path(args.dump_dir) if args.dump_dir else None)
 
 
 def _selection(values: list[str], known: set[str], flag: str) -> frozenset[str]:
@@ -71,7 +85,7 @@ def run_ir(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     from dzc.model import deepseek_v3
     from dzc.passes.base import PassContext
     from dzc.passes.manager import RunOptions, run_pipeline
-    from dzc.passes.pipeline import all_passes, build_pipeline
+    from dzc.passes.pipeline import build_pipeline
 
     out = out or sys.stdout
     if args.list_passes:
@@ -79,9 +93,7 @@ def run_ir(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         return 0
     if args.model is None:
         raise InputError("dzc ir needs a checkpoint folder (or --list-passes)")
-    known = {p.name for p in all_passes()}
-    print_before = _selection(args.print_before, known, "--print-before")
-    print_after = _selection(args.print_after, known, "--print-after")
+    print_before, print_after, dump_dir = pass_print_options(args)
     passes = build_pipeline(args.target, args.phase, args.quant)
 
     checkpoint = Checkpoint.open(args.model)
@@ -96,7 +108,7 @@ def run_ir(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         facts["max-tokens"] = args.max_tokens
     ctx = PassContext(store, checkpoint.config, target=args.target, quant=args.quant, facts=facts)
     options = RunOptions(print_before=print_before, print_after=print_after,
-                         dump_dir=Path(args.dump_dir) if args.dump_dir else None,
+                         dump_dir=dump_dir,
                          verify_passes=args.verify_passes, stream=out)
     try:
         result = run_pipeline(program, passes, ctx, options)

@@ -5,7 +5,7 @@ same inputs and fail with the same messages.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -18,7 +18,7 @@ from dzc.ir.program import Program
 from dzc.ir.weights import WeightStore
 from dzc.model import deepseek_v3
 from dzc.passes.base import PassContext
-from dzc.passes.manager import run_pipeline
+from dzc.passes.manager import RunOptions, run_pipeline
 from dzc.passes.pipeline import build_pipeline
 from dzc.runtime.executor import ModelExecutor
 from dzc.runtime.interp_executor import InterpreterExecutor
@@ -68,14 +68,18 @@ def trace_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, Program], Weight
 
 def run_passes(programs: Mapping[str, Program], store: WeightStore, config: ModelConfig, target: str,
                quant: Optional[str] = None, progress: Optional[Progress] = None,
-               facts: Optional[dict] = None) -> dict[str, Program]:
-    """The pass pipeline for `target`, per phase, with one shared context (so derived weights are made once)."""
+               facts: Optional[dict] = None, options: Optional[RunOptions] = None) -> dict[str, Program]:
+    """The pass pipeline for `target`, per phase, with one shared context (so derived weights are made once).
+    `options` carries --print-before/--print-after/--dump-dir; dumps go to one subfolder per phase."""
     ctx = PassContext(weights=store, config=config, target=target, quant=quant, facts=dict(facts or {}))
     out = {}
     for i, (phase, program) in enumerate(programs.items()):
         if progress is not None:
             progress("passes", i, len(programs), phase)
-        out[phase] = run_pipeline(program, build_pipeline(target, phase, quant), ctx).program
+        phase_options = options
+        if options is not None and options.dump_dir is not None:
+            phase_options = replace(options, dump_dir=options.dump_dir / phase)
+        out[phase] = run_pipeline(program, build_pipeline(target, phase, quant), ctx, phase_options).program
     if progress is not None:
         progress("passes", len(programs), len(programs), "")
     return out
@@ -83,7 +87,8 @@ def run_passes(programs: Mapping[str, Program], store: WeightStore, config: Mode
 
 def compile_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, target: str = "cpu",
                        quant: Optional[str] = None, cpu: Optional[str] = None, triple: Optional[str] = None,
-                       threads: Optional[int] = None, progress: Optional[Progress] = None) -> Path:
+                       threads: Optional[int] = None, progress: Optional[Progress] = None,
+                       options: Optional[RunOptions] = None) -> Path:
     """`dzc compile`: checkpoint -> traced prefill/decode -> the target's pass pipeline -> artifact folder."""
     from dzc.codegen.compile import compile_model
     ck = Checkpoint.open(checkpoint)
@@ -93,7 +98,7 @@ def compile_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, target: s
     traced, store = trace_checkpoint(ck)
     if progress is not None:
         progress("trace", 1, 1, "")
-    programs = run_passes(traced, store, ck.config, target, quant, progress)
+    programs = run_passes(traced, store, ck.config, target, quant, progress, options=options)
     return compile_model(programs, store, ck.config, out_dir, target=target, quant=quant, cpu=cpu, triple=triple,
                          threads=threads, progress=progress, tokenizer_dir=ck.tokenizer_dir,
                          vocab_size=ck.config.vocab_size)

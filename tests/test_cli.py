@@ -128,3 +128,14 @@ def test_bad_prompts(capsys, tiny_qlora_yarn):
     assert_one_line_error(code, err, "context")
     code, _, err = run_cli(capsys, "run", tiny_qlora_yarn, "--prompt-ids", "1,x")
     assert_one_line_error(code, err, "--prompt-ids")
+
+
+def test_compile_prints_and_dumps_like_dzc_ir(capsys, tmp_path, tiny_qlora_yarn):
+    code, out, _ = run_cli(capsys, "compile", tiny_qlora_yarn, "-o", tmp_path / "art", "--print-after", "absorb-mla",
+                           "--dump-dir", tmp_path / "dumps")
+    assert code == 0 and "mla_attention" in out
+    for phase in ("prefill", "decode"):
+        dumps = sorted(p.name for p in (tmp_path / "dumps" / phase).iterdir())
+        assert dumps[0] == "00-input.ir" and any(name.endswith("-absorb-mla.ir") for name in dumps)
+    code, _, err = run_cli(capsys, "compile", tiny_qlora_yarn, "-o", tmp_path / "art2", "--print-after", "nope")
+    assert_one_line_error(code, err, "'nope' is not a pass")
