@@ -67,26 +67,11 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
 def moe_route(kb: KernelBuilder, idx: tuple[Buf, E, E], T: E, k: int, E_: int, counts: Buf, offs: Buf,
               pairs: Buf, out: tuple[Buf, E, E], H: int) -> None:
     """Sort (token, slot) pairs by expert: offs[e]..offs[e+1] index pairs[] (= t*k + s). Zero the output rows."""
-    ib, io, istride = idx
+    sort_by_expert(kb, idx, T, k, E_, counts, offs, pairs)
     ob, oo, ostride = out
-    with kb.loop(0, E_, name="e") as e:
-        kb.store(counts, e, const(0, I32))
     with kb.loop(0, T, name="t") as t:
-        for s in range(k):
-            e = kb.let(_expert(load(ib, io + t * istride + s), E_), "e")
-            kb.store(counts, e, load(counts, e) + const(1, I32))
         with kb.loop(0, H, name="d") as d:
             kb.store(ob, oo + t * ostride + d, const(0.0, F32))
-    kb.store(offs, 0, const(0, I32))
-    with kb.loop(0, E_, name="e") as e:
-        kb.store(offs, e + 1, load(offs, e) + load(counts, e))
-        kb.store(counts, e, load(offs, e))
-    with kb.loop(0, T, name="t") as t:
-        for s in range(k):
-            e = kb.let(_expert(load(ib, io + t * istride + s), E_), "e")
-            c = kb.let(load(counts, e), "c")
-            kb.store(pairs, cast(c, I64), cast(t * k + s, I32))
-            kb.store(counts, e, c + const(1, I32))
 
 
 def grouped_gate_up(kb: KernelBuilder, V: int, offs: Buf, xrow, gate: WeightAccess, up: WeightAccess, E_: int,
