@@ -23,7 +23,7 @@ from dzc.driver import open_model, trace_checkpoint
 from dzc.errors import DeviceError
 from dzc.runtime.interp_executor import InterpreterExecutor
 
-from tiny_models import hf_greedy, hf_logits
+from tiny_models import executor_greedy, hf_greedy, hf_logits
 
 PROMPT = [0, 5, 17, 42, 99, 7, 250, 3, 11, 64, 200]
 MODELS = ["tiny_qlora_yarn", "tiny_fp8_sharded"]
@@ -98,15 +98,7 @@ def test_opencl_logits_match_interpreter_and_hf(opencl):
 
 def test_opencl_greedy_tokens_match_hf(opencl):
     want, _ = hf_greedy(opencl.ckpt, PROMPT, 16)
-    ex = opencl.executor
-    ex.reset()
-    logits = ex.forward(np.array(PROMPT))
-    got = []
-    for _ in range(16):
-        tok = int(logits[-1].argmax())
-        got.append(tok)
-        logits = ex.forward(np.array([tok]))
-    assert got == list(want)
+    assert executor_greedy(opencl.executor, PROMPT, 16) == list(want)
 
 
 def test_opencl_cache_decode_equals_recompute(opencl):

@@ -17,7 +17,7 @@ from dzc.driver import trace_checkpoint
 from dzc.runtime.interp_executor import InterpreterExecutor
 from dzc.runtime.native_executor import NativeExecutor
 
-from tiny_models import hf_greedy, hf_logits
+from tiny_models import executor_greedy, hf_greedy, hf_logits
 
 PROMPT = [0, 5, 17, 42, 99, 7, 250, 3, 11, 64, 200]
 
@@ -61,14 +61,7 @@ def test_logits_match_interpreter_and_hf(compiled):
 
 def test_greedy_tokens_match_hf(compiled):
     want, _ = hf_greedy(compiled.ckpt, PROMPT, 16)
-    ex = compiled.native()
-    logits = ex.forward(np.array(PROMPT))
-    got = []
-    for _ in range(16):
-        tok = int(logits[-1].argmax())
-        got.append(tok)
-        logits = ex.forward(np.array([tok]))
-    assert got == list(want)
+    assert executor_greedy(compiled.native(), PROMPT, 16) == list(want)
 
 
 def test_cache_decode_equals_recompute(compiled):

@@ -462,3 +462,14 @@ STANDARD_SPECS: dict[str, TinySpec] = {
     # bf16, two shard files and no index
     "tiny_bf16": TinySpec(dtype="bfloat16", shards=2, index=False, seed=3),
 }
+
+
+def executor_greedy(executor, prompt_ids: list[int], n: int) -> list[int]:
+    """n greedy tokens from any ModelExecutor (prefill once, then one token per forward)."""
+    executor.reset()
+    logits = executor.forward(np.array(prompt_ids))
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(logits[-1].argmax()))
+        logits = executor.forward(np.array([tokens[-1]]))
+    return tokens
