@@ -188,7 +188,8 @@ def test_scheduler_is_fifo_bounded_and_cancellable():
         assert (await jobs[5].next()).token_id == 0
         jobs[5].cancel()
         gates[5].set()
-        assert [e.finish_reason for e in await drain(jobs[5])] == [None]  # token 1 was under way
+        # at most token 1, if the worker was already past its cancel check for token 0 (a thread race)
+        assert [e.finish_reason for e in await drain(jobs[5])] in ([], [None])
         await asyncio.sleep(0.01)
         stats = scheduler.stats()
         scheduler.close()
