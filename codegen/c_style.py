@@ -614,6 +614,8 @@ class CStyleRenderer:
             return self.bool_not(a[0], sdt)
         if op in ("exp", "log", "sqrt", "sin", "cos"):
             return self.math(op, a[0], sdt)
+        if op == "round":
+            return self.math("rint", a[0], sdt)
         if op == "fma":
             return f"fma({a[0]}, {a[1]}, {a[2]})"
         if op == "where":

@@ -99,9 +99,11 @@ def slot_tensor(s) -> tuple[str, tuple, int]:
     else:
         E, (N, K) = 1, (rows_cols(tuple(info["shape"])) if info["shape"] else (1, 1))
     if info["part"] == "data":
-        shape, dt = (E * N, pk.row_elems(K)), _ST_DTYPE[pk.kind]
+        rows, cols = pk.data_shape(N, K)
+        shape, dt = (E * rows, cols), ("U8" if pk.tile else _ST_DTYPE[pk.kind])
     else:
-        shape, dt = (E * pk.scale_rows(N), pk.scale_cols(K)), ("F16" if pk.scale == "f16" else "F32")
+        rows, cols = pk.scale_shape(N, K)
+        shape, dt = (E * rows, cols), ("F16" if pk.scale == "f16" else "F32")
     return dt, shape, shape[0] * shape[1] * s.dtype.itemsize
 
 
@@ -113,7 +115,7 @@ def pack_group(members: list, store) -> dict[str, np.ndarray]:
         E, N, K = info["shape"]
         parts: dict[str, list] = {}
         for name in info["stack"]:
-            got_pk, p = pack_weight(store, WeightRef(name, _fmt_of(store, name, pk)), (N, K))
+            got_pk, p = pack_weight(store, WeightRef(name, _fmt_of(store, name, pk)), (N, K), pk.tile)
             if got_pk != pk:
                 raise CompileError(f"expert weight {name} is stored as {got_pk}, others as {pk}; "
                                    f"experts of one MoE layer must share a format")
@@ -121,7 +123,7 @@ def pack_group(members: list, store) -> dict[str, np.ndarray]:
                 parts.setdefault(part, []).append(arr)
         return {part: np.concatenate(arrs, axis=0) for part, arrs in parts.items()}
     got_pk, packed = pack_weight(store, WeightRef(info["weight"], _fmt_of(store, info["weight"], pk)),
-                                 tuple(info["shape"]))
+                                 tuple(info["shape"]), pk.tile)
     if got_pk != pk:
         raise CompileError(f"weight {info['weight']}: layout changed between lowering and packing")
     return packed

@@ -85,7 +85,7 @@ class Buf:
 # ---- expressions ----------------------------------------------------------------------------------------------------
 Operand = Union["E", int, float, bool]
 
-UNARY_OPS = ("neg", "exp", "log", "sqrt", "sin", "cos", "not")
+UNARY_OPS = ("neg", "exp", "log", "sqrt", "sin", "cos", "not", "round")   # round: to nearest, ties to even
 BINARY_OPS = ("add", "sub", "mul", "div", "mod", "max", "min", "and", "or", "xor", "shl", "shr")
 COMPARE_OPS = ("lt", "le", "eq", "ne")
 
@@ -257,6 +257,13 @@ def load(buf: Buf, index: Operand, lanes: int = 1) -> E:
     return E("load", buf.dtype.vec(lanes), (_lift(index, None),), buf)
 
 
+def dot4(acc: E, a: E, b: E) -> E:
+    """Integer dot products of byte quads: acc[i] + sum_j a[4i+j] * b[4i+j] for i32 lanes i, a's bytes unsigned
+    (u8), b's signed (i8). One AVX-512 VNNI vpdpbusd for 16 lanes; renderers without it must not be handed one."""
+    assert acc.dtype.name == "i32" and a.dtype == U8.vec(4 * acc.dtype.count) and b.dtype == I8.vec(4 * acc.dtype.count)
+    return E("dot4", acc.dtype, (acc, a, b))
+
+
 def reduce_add(x: E) -> E:
     return x if x.dtype.count == 1 else E("vreduce_add", x.dtype.scalar, (x,))
 
@@ -279,6 +286,7 @@ def minimum(a: Operand, b: Operand) -> E: return alu("min", a, b)
 def exp(x: E) -> E: return unary("exp", x)
 def log(x: E) -> E: return unary("log", x)
 def sqrt(x: E) -> E: return unary("sqrt", x)
+def round_even(x: E) -> E: return unary("round", x)
 def sin(x: E) -> E: return unary("sin", x)
 def cos(x: E) -> E: return unary("cos", x)
 

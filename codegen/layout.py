@@ -12,6 +12,17 @@ A weight [.., N, K] (leading dims flatten into rows; 1-D weights are one row) is
   i4    data u8[N, ceil(K/g) * g/2]         scale f32|f16[N, ceil(K/g)]          W = (nibble - 8) * s
         (in each g=32 group, byte j holds element j in its low nibble and element j+16 in its high one)
 
+Row-tiled integer layouts (`tile` = 16, for AVX-512 VNNI targets and weights whose consumers quantize their
+input to int8, WeightFormat.act = 8): rows go in tiles of 16 so one 64-byte load feeds one vpdpbusd that advances
+16 output rows by 4 (i8) or, after a nibble split, 8 (i4) K elements against a broadcast quad of the int8 input.
+K is padded to whole groups, N to whole tiles (padding is zero weight, zero scale):
+
+  i8/t16  data u8[Nt, Kp/4, 16, 4]  = q + 128 (offset-binary: vpdpbusd multiplies unsigned by signed bytes)
+  i4/t16  data u8[Nt, Kp/8, 16, 4]  byte j of lane r in octet o: element 8o+j low nibble, 8o+4+j high (v + 8)
+          scale f32|f16[Nt, Kp/g, 16]
+
+The kernels subtract offset * sum(input quad values) per 32 elements, which the input quantizer precomputes.
+
 MoE experts are stacked: one tensor per projection and part with a leading expert axis [E, N, K].
 
 `pack_weight` reads the weight store: a quantize pass's encoded parts when present (codes and scales are taken
@@ -20,12 +31,13 @@ otherwise the f32 values, quantized here when the format asks for it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import numpy as np
 
-from dzc.checkpoint.dtypes import E4M3_TO_F32, f32_to_bf16, f32_to_e4m3, quantize_fp8_blocks, scale_shape
+from dzc.checkpoint.dtypes import f32_to_bf16, f32_to_e4m3, quantize_fp8_blocks, scale_shape
 from dzc.codegen.kir import DT, F16, F32, I8, U8, U16
 from dzc.errors import CompileError
 from dzc.ir.dtypes import DType
@@ -40,9 +52,12 @@ class Packed:
     group: int = 0             # K elements per scale (0: no scales)
     rblock: int = 1            # rows per scale
     scale: str = ""            # f32 | f16
+    tile: int = 0              # rows interleaved per tile for integer dot products (0: plain rows)
 
     @property
     def data_dt(self) -> DT:
+        if self.tile:
+            return U8
         return {"f32": F32, "bf16": U16, "f16": F16, "fp8": I8, "i8": I8, "i4": U8}[self.kind]
 
     @property
@@ -62,7 +77,9 @@ class Packed:
 
     def row_elems(self, K: int) -> int:
         """Elements of `data` per weight row."""
-        return -(-K // self.group) * self.group // 2 if self.kind == "i4" else K
+        if self.kind == "i4":
+            return -(-K // self.group) * self.group // 2
+        return -(-K // self.group) * self.group if self.tile else K
 
     def scale_cols(self, K: int) -> int:
         return -(-K // self.group) if self.group else 0
@@ -70,11 +87,36 @@ class Packed:
     def scale_rows(self, N: int) -> int:
         return -(-N // self.rblock) if self.group else 0
 
+    def tiles(self, N: int) -> int:
+        return -(-N // self.tile)
+
+    def data_shape(self, N: int, K: int) -> tuple[int, int]:
+        """The 2-D shape of one matrix's `data` part (tiled layouts: one row per tile)."""
+        if self.tile:
+            return self.tiles(N), self.tile * self.row_elems(K)
+        return N, self.row_elems(K)
+
+    def scale_shape(self, N: int, K: int) -> tuple[int, int]:
+        if self.tile:
+            return self.tiles(N), self.tile * self.scale_cols(K)
+        return self.scale_rows(N), self.scale_cols(K)
+
     def to_json(self) -> dict:
-        return {"kind": self.kind, "group": self.group, "rblock": self.rblock, "scale": self.scale}
+        return {"kind": self.kind, "group": self.group, "rblock": self.rblock, "scale": self.scale, "tile": self.tile}
 
     def __str__(self) -> str:
-        return self.kind + (f"/{self.rblock}x{self.group}:{self.scale}" if self.group else "")
+        text = self.kind + (f"/{self.rblock}x{self.group}:{self.scale}" if self.group else "")
+        return text + (f"/t{self.tile}" if self.tile else "")
+
+
+VNNI_TILE = 16
+
+
+def for_target(pk: Packed, target, act: int) -> Packed:
+    """`pk`, row-tiled when the target has int8 dot products and the consumers quantize their input (act=8)."""
+    if act == 8 and pk.kind in ("i8", "i4") and pk.group % 32 == 0 and getattr(target, "int8_dot", False):
+        return dataclasses.replace(pk, tile=VNNI_TILE)
+    return pk
 
 
 def rows_cols(shape: tuple) -> tuple[int, int]:
@@ -86,13 +128,18 @@ def rows_cols(shape: tuple) -> tuple[int, int]:
     return rows, int(shape[-1])
 
 
-def _int_scales_dtype(parts: Optional[Mapping[str, np.ndarray]]) -> str:
-    if parts:
-        for a in parts.values():
-            if a.dtype == np.float16:
-                return "f16"
+def _int_scales_dtype(parts: Optional[Mapping[str, np.ndarray]], kind: str) -> str:
+    """f16 when every group scale is a float16 value (ir/quant.py rounds them so; any layout), else f32."""
+    if not parts:
+        return "f16"
+    if "scale" in parts:
+        s = np.asarray(parts["scale"])
+    elif "blocks" in parts:
+        B = 36 if kind == "i8" else 20
+        s = np.ascontiguousarray(np.asarray(parts["blocks"]).reshape(-1, B)[:, :4]).view("<f4")
+    else:
         return "f32"
-    return "f16"
+    return "f16" if s.dtype == np.float16 or np.array_equal(s.astype(np.float16).astype(s.dtype), s) else "f32"
 
 
 def packed_format(fmt: WeightFormat, parts: Optional[Mapping[str, np.ndarray]] = None,
@@ -119,7 +166,8 @@ def packed_format(fmt: WeightFormat, parts: Optional[Mapping[str, np.ndarray]] =
             raise CompileError(f"{d} weights need per-row K-group scales (block (1, g)), got block {fmt.block}")
         if d == DType.I4 and g % 32:
             raise CompileError(f"int4 weights need a K-group that is a multiple of 32, got {g}")
-        return Packed("i8" if d == DType.I8 else "i4", group=g, rblock=1, scale=_int_scales_dtype(parts))
+        kind = "i8" if d == DType.I8 else "i4"
+        return Packed(kind, group=g, rblock=1, scale=_int_scales_dtype(parts, kind))
     raise CompileError(f"the CPU backend has no kernels for weight storage {fmt}")
 
 
@@ -140,12 +188,14 @@ def _find_scales(parts: Mapping[str, np.ndarray], want: tuple[int, int], kind: s
     return None
 
 
-def pack_weight(store, ref: WeightRef, shape: tuple) -> tuple[Packed, dict[str, np.ndarray]]:
-    """The weight's parts in its compiled layout (see module doc)."""
+def pack_weight(store, ref: WeightRef, shape: tuple, tile: int = 0) -> tuple[Packed, dict[str, np.ndarray]]:
+    """The weight's parts in its compiled layout (see module doc); `tile` as the lowering chose (for_target)."""
     enc = store.encoded(ref.name) if hasattr(store, "encoded") else None
     parts = enc[1] if enc else None
     fmt = enc[0] if enc else ref.fmt
     pk = packed_format(fmt, parts, shape)
+    if tile:
+        pk = dataclasses.replace(pk, tile=tile)
     N, K = rows_cols(shape)
     if pk.kind in ("bf16", "f16") and parts:
         for a in parts.values():
@@ -206,6 +256,8 @@ def pack_array(pk: Packed, w: np.ndarray, parts: Optional[Mapping[str, np.ndarra
     full = _expand(scales, N, K, 1, pk.group)
     q = np.clip(np.rint(w / full), -qmax - (1 if pk.kind == "i4" else 0), qmax).astype(np.int8)
     sc = scales.astype(np.float16 if pk.scale == "f16" else np.float32)
+    if pk.tile:
+        return _tiled(pk, q, sc, K)
     if pk.kind == "i8":
         return {"data": q, "scale": sc}
     g = pk.group
@@ -216,25 +268,21 @@ def pack_array(pk: Packed, w: np.ndarray, parts: Optional[Mapping[str, np.ndarra
     return {"data": packed, "scale": sc}
 
 
-def unpack_array(pk: Packed, parts: Mapping[str, np.ndarray], N: int, K: int) -> np.ndarray:
-    """The exact f32 values the kernels compute with (tests and the reference path)."""
-    d = parts["data"]
-    if pk.kind == "f32":
-        return np.asarray(d, np.float32).reshape(N, K)
-    if pk.kind == "bf16":
-        return (d.astype(np.uint32) << 16).view(np.float32).reshape(N, K)
-    if pk.kind == "f16":
-        return d.astype(np.float32).reshape(N, K)
-    s = np.asarray(parts["scale"], np.float32)
-    if pk.kind == "fp8":
-        return (E4M3_TO_F32[d.reshape(N, K)] / np.float32(256)) * _expand(s, N, K, pk.rblock, pk.group)
+def _tiled(pk: Packed, q: np.ndarray, sc: np.ndarray, K: int) -> dict[str, np.ndarray]:
+    """int8 values q[N, K] and scales sc[N, G] in the row-tiled layout (module doc)."""
+    N, t = q.shape[0], pk.tile
+    Nt, Kp = pk.tiles(N), pk.scale_cols(K) * pk.group
+    qp = np.zeros((Nt * t, Kp), np.int16)
+    qp[:N, :K] = q
     if pk.kind == "i8":
-        return d.reshape(N, K).astype(np.float32) * _expand(s, N, K, 1, pk.group)
-    g = pk.group
-    b = d.reshape(N, -1, g // 32, 16)
-    lo, hi = (b & 15).astype(np.int8) - 8, (b >> 4).astype(np.int8) - 8
-    q = np.stack([lo, hi], axis=3).reshape(N, -1)[:, :K]
-    return q.astype(np.float32) * _expand(s, N, K, 1, g)
+        data = (qp + 128).astype(np.uint8).reshape(Nt, t, Kp // 4, 4).transpose(0, 2, 1, 3)
+    else:
+        nib = (qp + 8).astype(np.uint8).reshape(Nt, t, Kp // 8, 2, 4)
+        data = (nib[..., 0, :] | (nib[..., 1, :] << 4)).transpose(0, 2, 1, 3)
+    scp = np.zeros((Nt * t, sc.shape[1]), sc.dtype)
+    scp[:N] = sc
+    return {"data": np.ascontiguousarray(data).reshape(pk.data_shape(N, K)),
+            "scale": np.ascontiguousarray(scp.reshape(Nt, t, -1).transpose(0, 2, 1)).reshape(pk.scale_shape(N, K))}
 
 
 def fp8_scale_shape(N: int, K: int, block=(128, 128)) -> tuple[int, int]:

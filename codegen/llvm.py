@@ -484,8 +484,8 @@ class LLVMRenderer:
         elif op == "not":
             ones = "true" if sdt.count == 1 else "<" + ", ".join(["i1 true"] * sdt.count) + ">"
             fn.emit(f"{out} = xor {t} {args[0]}, {ones}")
-        elif op in ("exp", "log", "sqrt", "sin", "cos"):
-            f = self._intrinsic(op, sdt, 1)
+        elif op in ("exp", "log", "sqrt", "sin", "cos", "round"):
+            f = self._intrinsic("roundeven" if op == "round" else op, sdt, 1)
             fn.emit(f"{out} = call {t} {f}({t} {args[0]})")
         elif op == "fma":
             f = self._intrinsic("fma", sdt, 3)
@@ -519,6 +519,15 @@ class LLVMRenderer:
             f = f"llvm.vector.reduce.{kind}.{_suffix(sdt)}"
             self.decls[f] = f"declare {ty(dt)} @{f}({t})"
             fn.emit(f"{out} = call {ty(dt)} @{f}({t} {args[0]})")
+        elif op == "dot4":
+            if dt.count != 16 or not self.target.int8_dot:
+                raise CompileError(f"dot4 on {dt} needs AVX-512 VNNI with 16 i32 lanes (target {self.target.cpu})")
+            f = "llvm.x86.avx512.vpdpbusd.512"
+            self.decls[f] = f"declare <16 x i32> @{f}(<16 x i32>, <16 x i32>, <16 x i32>)"
+            a, b = fn.tmp(), fn.tmp()
+            fn.emit(f"{a} = bitcast {ty(e.src[1].dtype)} {args[1]} to <16 x i32>")
+            fn.emit(f"{b} = bitcast {ty(e.src[2].dtype)} {args[2]} to <16 x i32>")
+            fn.emit(f"{out} = call <16 x i32> @{f}(<16 x i32> {args[0]}, <16 x i32> {a}, <16 x i32> {b})")
         elif op == "gep":
             fn.emit(f"{out} = extractelement {t} {args[0]}, i64 {e.arg}")
         else:

@@ -14,6 +14,8 @@ slots with polynomial sizes and live ranges (call indices); the runtime places t
 """
 from __future__ import annotations
 
+import math
+
 from contextlib import ExitStack
 from typing import Optional, Sequence
 
@@ -21,7 +23,7 @@ from dzc.codegen import kir
 from dzc.codegen.builder import KernelBuilder
 from dzc.codegen.kir import Buf, Call, E, Module
 from dzc.codegen.kernels.weights import WeightAccess
-from dzc.codegen.layout import packed_format, rows_cols
+from dzc.codegen.layout import for_target, packed_format, rows_cols
 from dzc.codegen.poly import Poly
 from dzc.codegen.target import Target
 from dzc.codegen.values import (
@@ -203,11 +205,7 @@ class Lowerer:
         op = node.op
         handler = _HANDLERS.get(op)
         if handler is None:
-            from dzc.codegen.extra_ops import lower_extra
-            out = lower_extra(self, node)
-            if out is None:
-                raise CompileError(f"the CPU backend cannot lower op {op.name.lower()} (node {node!r})")
-            return out
+            raise CompileError(f"the CPU backend cannot lower op {op.name.lower()} (node {node!r})")
         return handler(self, node)
 
 
@@ -248,7 +246,7 @@ def _weight(low: Lowerer, node: Node) -> Value:
     shape = tuple(Poly.of(d) for d in node.shape)
     enc = low.store.encoded(ref.name) if hasattr(low.store, "encoded") else None
     pk = packed_format(enc[0] if enc else ref.fmt, enc[1] if enc else None, tuple(node.shape))
-    return WeightVal(ref, shape, pk, {})
+    return WeightVal(ref, shape, for_target(pk, low.target, ref.fmt.act), {})
 
 
 def weight_slots(low: "Lowerer", w: WeightVal) -> dict:
@@ -257,11 +255,11 @@ def weight_slots(low: "Lowerer", w: WeightVal) -> dict:
         dims = tuple(d.value() for d in w.shape)
         N, K = rows_cols(dims) if dims else (1, 1)
         info = dict(weight=ref.name, shape=list(dims), packed=pk.to_json())
-        w.slots["data"] = low.slots.get("weight", ref.name + ":data", pk.data_dt, Poly.of(N * pk.row_elems(K)),
-                                        part="data", **info)
+        w.slots["data"] = low.slots.get("weight", ref.name + ":data", pk.data_dt,
+                                        Poly.of(math.prod(pk.data_shape(N, K))), part="data", **info)
         if pk.group:
             w.slots["scale"] = low.slots.get("weight", ref.name + ":scale", pk.scale_dt,
-                                             Poly.of(pk.scale_rows(N) * pk.scale_cols(K)), part="scale", **info)
+                                             Poly.of(math.prod(pk.scale_shape(N, K))), part="scale", **info)
     return w.slots
 
 

@@ -1,18 +1,23 @@
 """Handlers for ops that emit kernels: reductions, topk, matmul, linear, moe, norms, softmax, attention, fused bodies."""
 from __future__ import annotations
 
+import math
+
 from contextlib import ExitStack
 
 from dzc.codegen import kir
 from dzc.codegen.kir import F32, I32, I64, cast, const, load
 from dzc.codegen.kernels import attention as attn
+from dzc.codegen.kernels import int8_dot
 from dzc.codegen.kernels import moe as moe_k
+from dzc.codegen.kernels.int8_dot import FakeQuant, QRows, quantize_row, weight_offset
 from dzc.codegen.kernels.linear import gemm, gemv
 from dzc.codegen.kernels.weights import WeightAccess
-from dzc.codegen.layout import packed_format
+from dzc.codegen.layout import for_target, packed_format
 from dzc.codegen.lower import KC, Lowerer, elementwise, expand, handles, permute, reshape, shape_of, slice_
 from dzc.codegen.poly import Poly
 from dzc.codegen.values import Lazy, View, WeightVal, broadcast_index, kdt
+from dzc.ir.dtypes import DType
 from dzc.ir.node import Node
 from dzc.ir.ops import Op
 
@@ -185,35 +190,64 @@ def _linear(low: Lowerer, node: Node):
     kb = kc.kb
     wa = low.weight_access(kc, w)
     xb, yb = kc.buf(x.slot), kc.buf(dest.slot)
-    xo, yo = x.offset.expr(), dest.offset.expr()
+    xo, yo, xse = x.offset.expr(), dest.offset.expr(), xs.expr()
     V = low.V
+    if w.ref.fmt.act and wa.pk.tile:
+        qr = act_rows(low, kc, M, K, weight_offset(wa), "xq")
+        if M == 1:
+            quantize_row(kb, V, xb, xo, K, qr)
+            int8_dot.gemv(kb, (qr, 0), wa, N, K, lambda n, v: kb.store(yb, yo + n, v))
+        else:
+            int8_dot.quantize_rows(kb, V, M.expr(), lambda m: (xb, xo + m * xse), K, lambda m: (qr, m))
+            int8_dot.gemm(kb, M.expr(), lambda m: (qr, m), wa, N, K, lambda m, n, v: kb.store(yb, yo + m * N + n, v))
+        low.emit(kc)
+        return dest
+    if w.ref.fmt.act:
+        xb, xo, xse = kc.buf(round_rows(low, kc, M, K, lambda m: (xb, xo + m * xse), "x_a8").slot), kir.i64(0), kir.i64(K)
     if M == 1:
         gemv(kb, V, (xb, xo), wa, N, K, lambda n, v: kb.store(yb, yo + n, v))
     else:
         MR, NR = tile_shape(low)
         MB = max(MR, min(64, (1 << 19) // (4 * K)) // MR * MR)
         NB = max(NR, min(64, N // 8 // NR * NR))
-        xse = xs.expr()
         gemm(kb, V, M.expr(), lambda m: (xb, xo + m * xse), lambda n: [(wa, 0, n)], N, K,
              lambda m, n, vs: kb.store(yb, yo + m * N + n, vs[0]), MR=MR, NR=NR, NB=NB, MB=MB)
     low.emit(kc)
     return dest
 
 
+def act_rows(low: Lowerer, kc: KC, rows, K: int, offset: int, what: str) -> QRows:
+    """Scratch for `rows` int8-quantized input rows of length K, bound to kernel `kc`."""
+    Kp = int8_dot.padded(K)
+    rows = Poly.of(rows)
+    return QRows(kc.buf(low.scratch(kir.I8, rows * Kp, what)), kc.buf(low.scratch(F32, rows * (Kp // 32), what + "_d")),
+                 kc.buf(low.scratch(I32, rows * (Kp // 32), what + "_c")), Kp, offset)
+
+
+def round_rows(low: Lowerer, kc: KC, rows, K: int, row, what: str) -> View:
+    """Rows 0..rows-1 (`row(m)` = (buffer, offset)) int8-rounded by kernel `kc` into a fresh f32 [rows, K]
+    scratch (WeightFormat.act on targets without integer dot products)."""
+    slot = low.scratch(F32, Poly.of(rows) * K, what)
+    out = kc.buf(slot)
+    int8_dot.quantize_rows(kc.kb, low.V, Poly.of(rows).expr(), row, K, lambda m: FakeQuant(out, m * K))
+    return View.contiguous(slot, (Poly.of(rows), Poly.of(K)), DType.F32)
+
+
 # ---- moe --------------------------------------------------------------------------------------------------------------------
 def stacked_weight(low: Lowerer, nodes: list[Node], proj: str) -> tuple[WeightVal, int, int]:
     refs = [n.arg for n in nodes]
     enc = low.store.encoded(refs[0].name) if hasattr(low.store, "encoded") else None
-    pk = packed_format(enc[0] if enc else refs[0].fmt, enc[1] if enc else None)
+    pk = for_target(packed_format(enc[0] if enc else refs[0].fmt, enc[1] if enc else None), low.target,
+                    refs[0].fmt.act)
     N, K = int(nodes[0].shape[0]), int(nodes[0].shape[1])
     E = len(refs)
     key = f"experts[{refs[0].name}..{refs[-1].name}]"
     info = dict(stack=[r.name for r in refs], shape=[E, N, K], packed=pk.to_json())
-    slots = {"data": low.slots.get("weight", key + ":data", pk.data_dt, Poly.of(E * N * pk.row_elems(K)),
+    slots = {"data": low.slots.get("weight", key + ":data", pk.data_dt, Poly.of(E * math.prod(pk.data_shape(N, K))),
                                    part="data", **info)}
     if pk.group:
         slots["scale"] = low.slots.get("weight", key + ":scale", pk.scale_dt,
-                                       Poly.of(E * pk.scale_rows(N) * pk.scale_cols(K)), part="scale", **info)
+                                       Poly.of(E * math.prod(pk.scale_shape(N, K))), part="scale", **info)
     wv = WeightVal(refs[0], (Poly.of(N), Poly.of(K)), pk, slots)
     return wv, N, K
 
@@ -231,13 +265,20 @@ def _moe(low: Lowerer, node: Node):
     k = int(node.src[1].shape[-1])
     dest = low.out_view(node)
     V = low.V
+    act, tiled = gate.ref.fmt.act, bool(gate.packed.tile)
     if T == 1:
-        hs = low.scratch(F32, k * I, "moe_h")
         kc = KC("moe_decode")
-        moe_k.moe_decode(kc.kb, V, (kc.buf(x.slot), x.offset.expr()), (kc.buf(idx.slot), idx.offset.expr()),
-                         (kc.buf(wts.slot), wts.offset.expr()), low.weight_access(kc, gate),
-                         low.weight_access(kc, up), low.weight_access(kc, down), H, I, k,
-                         (kc.buf(dest.slot), dest.offset.expr()), kc.buf(hs))
+        args = (kc.kb, V, (kc.buf(x.slot), x.offset.expr()), (kc.buf(idx.slot), idx.offset.expr()),
+                (kc.buf(wts.slot), wts.offset.expr()), low.weight_access(kc, gate), low.weight_access(kc, up),
+                low.weight_access(kc, down), H, I, k, (kc.buf(dest.slot), dest.offset.expr()))
+        if tiled:
+            off = weight_offset(args[5])
+            hs = kc.buf(low.scratch(F32, k * gate.packed.tiles(I) * int8_dot.TILE, "moe_h"))
+            moe_k.moe_decode_int8(*args, hs, act_rows(low, kc, 1, H, off, "moe_xq"),
+                                  act_rows(low, kc, k, I, off, "moe_hq"))
+        else:
+            rounded = kc.buf(low.scratch(F32, H, "moe_x_a8")) if act else None
+            moe_k.moe_decode(*args, kc.buf(low.scratch(F32, k * I, "moe_h")), rounded)
         low.emit(kc)
         return dest
     Te = T.expr()
@@ -249,11 +290,41 @@ def _moe(low: Lowerer, node: Node):
     moe_k.moe_route(kc.kb, (kc.buf(idx.slot), idx.offset.expr(), is_.expr()), Te, k, n_exp, kc.buf(counts),
                     kc.buf(offs), kc.buf(pairs), (kc.buf(dest.slot), dest.offset.expr(), Poly.of(H).expr()), H)
     low.emit(kc)
+    if tiled:
+        kc = KC("moe_experts")
+        kb = kc.kb
+        xb, xo, xse, pb = kc.buf(x.slot), x.offset.expr(), xs.expr(), kc.buf(pairs)
+        ob, oo, wb, wo, wse = kc.buf(dest.slot), dest.offset.expr(), kc.buf(wts.slot), wts.offset.expr(), ws.expr()
+        wg, wu, wd = (low.weight_access(kc, v) for v in (gate, up, down))
+        off, R = weight_offset(wg), T * k
+
+        def pair(m):
+            p = cast(load(pb, m), I64)
+            return p // k, p % k
+
+        def store(m, n, v):
+            t, s_ = pair(m)
+            addr = oo + t * H + n
+            lanes = v.dtype.count
+            kb.store(ob, addr, load(ob, addr, lanes) + v * kir.bcast(load(wb, wo + t * wse + s_), lanes))
+        moe_k.moe_int8(kb, V, kc.buf(offs), n_exp, R.expr(), lambda m: (xb, xo + pair(m)[0] * xse), wg, wu, wd,
+                       H, I, H, kc.buf(low.scratch(F32, R * wg.pk.tiles(I) * int8_dot.TILE, "moe_h")),
+                       act_rows(low, kc, R, H, off, "moe_xq"), act_rows(low, kc, R, I, off, "moe_hq"), store)
+        low.emit(kc)
+        return dest
     MR, NR = tile_shape(low)
+    if act:
+        kc = KC("round_a8")
+        xb, xo, xse = kc.buf(x.slot), x.offset.expr(), xs.expr()
+        x, xs = round_rows(low, kc, T, H, lambda m: (xb, xo + m * xse), "moe_x_a8"), Poly.of(H)
+        low.emit(kc)
     kc = KC("moe_gate_up")
     moe_k.moe_gate_up(kc.kb, V, (kc.buf(x.slot), x.offset.expr(), xs.expr()), kc.buf(offs), kc.buf(pairs),
                       low.weight_access(kc, gate), low.weight_access(kc, up), n_exp, H, I, k, kc.buf(hs),
                       MR, max(1, NR // 2))
+    if act:
+        hb = kc.buf(hs)
+        int8_dot.quantize_rows(kc.kb, V, (T * k).expr(), lambda m: (hb, m * I), I, lambda m: FakeQuant(hb, m * I))
     low.emit(kc)
     kc = KC("moe_down")
     moe_k.moe_down(kc.kb, V, kc.buf(offs), kc.buf(pairs), (kc.buf(wts.slot), wts.offset.expr(), ws.expr()),
@@ -503,13 +574,33 @@ if hasattr(Op, "MOE_SORT"):
             xb = kc.buf(xv.slot)
             xo, xse = xv.offset.expr(), xs.expr()
             xrow = lambda m: (xb, xo + m * xse)
+        wstride = ws.strides[0].expr() if ws.shape and ws.strides[0] != 0 else kir.i64(1)
+        if gate.packed.tile:
+            kb = kc.kb
+            ob, wb, oo, wo = kc.buf(dest.slot), kc.buf(ws.slot), dest.offset.expr(), ws.offset.expr()
+            wg, wu, wd = (low.weight_access(kc, v) for v in (gate, up, down))
+            off = weight_offset(wg)
+
+            def store(m, n, v):
+                kb.store(ob, oo + m * Hout + n, v * kir.bcast(load(wb, wo + m * wstride), v.dtype.count))
+            moe_k.moe_int8(kb, V, kc.buf(offs.slot), n_exp, R.expr(), xrow, wg, wu, wd, H, I, Hout,
+                           kc.buf(low.scratch(F32, R * wg.pk.tiles(I) * int8_dot.TILE, "moe_h")),
+                           act_rows(low, kc, R, H, off, "moe_xq"), act_rows(low, kc, R, I, off, "moe_hq"), store)
+            low.emit(kc)
+            return dest
+        if gate.ref.fmt.act:
+            rounded = round_rows(low, kc, R, H, xrow, "moe_x_a8")
+            rb = kc.buf(rounded.slot)
+            xrow = lambda m: (rb, m * H)
+        hb = kc.buf(hs)
         moe_k.grouped_gate_up(kc.kb, V, kc.buf(offs.slot), xrow, low.weight_access(kc, gate),
-                              low.weight_access(kc, up), n_exp, H, I, kc.buf(hs), MR, max(1, NR // 2))
+                              low.weight_access(kc, up), n_exp, H, I, hb, MR, max(1, NR // 2))
+        if gate.ref.fmt.act:
+            int8_dot.quantize_rows(kc.kb, V, R.expr(), lambda m: (hb, m * I), I, lambda m: FakeQuant(hb, m * I))
         low.emit(kc)
         kc = KC("grouped_down")
         ob, wb = kc.buf(dest.slot), kc.buf(ws.slot)
         oo, wo = dest.offset.expr(), ws.offset.expr()
-        wstride = ws.strides[0].expr() if ws.shape and ws.strides[0] != 0 else kir.i64(1)
         moe_k.grouped_down(kc.kb, V, kc.buf(offs.slot), low.weight_access(kc, down), n_exp, Hout, I, kc.buf(hs),
                            lambda m, n, v: kc.kb.store(ob, oo + m * Hout + n, v * load(wb, wo + m * wstride)),
                            MR, NR)

@@ -50,7 +50,7 @@ template <class T, class U> inline T as_type(U x) {
 #define DZC_FLOAT1(name) template <class T> inline T name(T x) { \
   static_assert(floating_v<T>, #name ": needs float or half"); return x; }
 DZC_FLOAT1(exp) DZC_FLOAT1(log) DZC_FLOAT1(sqrt) DZC_FLOAT1(sin) DZC_FLOAT1(cos) DZC_FLOAT1(rsqrt)
-DZC_FLOAT1(exp2) DZC_FLOAT1(log2) DZC_FLOAT1(fabs)
+DZC_FLOAT1(exp2) DZC_FLOAT1(log2) DZC_FLOAT1(fabs) DZC_FLOAT1(rint)
 #undef DZC_FLOAT1
 template <class T> inline T fma(T a, T b, T c) { static_assert(floating_v<T>, "fma: needs float or half"); return a; }
 template <class T> inline T fmax(T a, T b) { static_assert(floating_v<T>, "fmax: needs float or half"); return a; }

@@ -47,6 +47,11 @@ class Target:
     def is_apple(self) -> bool:
         return "apple" in self.triple
 
+    @property
+    def int8_dot(self) -> bool:
+        """AVX-512 VNNI (vpdpbusd on 16 i32 lanes): int8 weights with int8 activations run as integer dot products."""
+        return self.vector_width == 16 and "avx512vnni" in _feature_set(self.features)
+
     def describe(self) -> str:
         return f"{self.triple} cpu={self.cpu} vector={self.vector_width}xf32"
 
@@ -63,13 +68,15 @@ def _x86_width(feats: set[str]) -> tuple[int, int]:
     return 4, 16
 
 
-# CPU flags (as /proc/cpuinfo spells them) that kernels compiled with these LLVM features need.
-_X86_REQUIRED = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c", "avx", "bmi2")
+# CPU flags (as /proc/cpuinfo spells them) that kernels compiled with these LLVM features need, by LLVM name.
+_X86_REQUIRED = {"avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512dq": "avx512dq",
+                 "avx512vnni": "avx512_vnni", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx": "avx",
+                 "bmi2": "bmi2"}
 
 
 def _required(arch: str, feats: set[str]) -> tuple[str, ...]:
     if arch in ("x86_64", "x86-64"):
-        return tuple(f for f in _X86_REQUIRED if f in feats)
+        return tuple(flag for name, flag in _X86_REQUIRED.items() if name in feats)
     if arch in ("aarch64", "arm64"):
         return ("asimd",)
     return ()

@@ -10,6 +10,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from dzc.errors import InputError
+from dzc.ir import quant
 from dzc.ir.node import Node
 from dzc.ir.ops import Op
 from dzc.ir.program import Program
@@ -64,7 +65,17 @@ impl(Op.CONCAT)(lambda node, args, env: np.concatenate(args, axis=node.arg))
 impl(Op.GATHER)(lambda node, args, env: np.take(args[0], args[1], axis=0))
 impl(Op.TAKE)(lambda node, args, env: np.take_along_axis(args[0], args[1].astype(np.intp), axis=-1))
 impl(Op.MATMUL)(lambda node, args, env: np.matmul(args[0], args[1]))
-impl(Op.LINEAR)(lambda node, args, env: args[0] @ args[1].T)
+
+
+def _input_for(node, weight_index: int, x: np.ndarray) -> np.ndarray:
+    """x as the op multiplies it by its weight operand `weight_index` (int8-rounded for `act=8` formats)."""
+    w = node.src[weight_index]
+    return quant.for_input(w.arg.fmt, x) if w.op == Op.WEIGHT else x
+
+
+@impl(Op.LINEAR)
+def _linear(node, args, env):
+    return _input_for(node, 1, args[0]) @ args[1].T
 
 
 @impl(Op.SLICE)
@@ -89,9 +100,9 @@ def _moe(node, args, env):
     for e in np.unique(idx):
         rows, slots = np.nonzero(idx == e)
         gate, up, down = experts[3 * e: 3 * e + 3]
-        h = x[rows]
+        h = _input_for(node, 3 + 3 * e, x[rows])
         g = h @ gate.T
-        act = (g * _sigmoid(g)) * (h @ up.T)
+        act = _input_for(node, 5 + 3 * e, (g * _sigmoid(g)) * (h @ up.T))
         np.add.at(out, rows, (act @ down.T) * w[rows, slots][:, None])
     return out
 
@@ -223,9 +234,10 @@ def _grouped_swiglu(node, args, env):
     for e in np.nonzero(offsets[1:] > offsets[:-1])[0]:  # experts that own rows; the rest cost nothing
         lo, hi = int(offsets[e]), int(offsets[e + 1])
         gate, up, down = experts[3 * e: 3 * e + 3]
-        h = xs[lo:hi]
+        h = _input_for(node, 3 + 3 * e, xs[lo:hi])
         g = h @ gate.T
-        out[lo:hi] = ((g * _sigmoid(g)) * (h @ up.T)) @ down.T * ws[lo:hi, None]
+        act = _input_for(node, 5 + 3 * e, (g * _sigmoid(g)) * (h @ up.T))
+        out[lo:hi] = act @ down.T * ws[lo:hi, None]
     return out
 
 

@@ -21,11 +21,15 @@ class WeightFormat:
 
     `block` is the scale block (rows, cols) for block-scaled formats (FP8 128x128, int8/int4 (1, 32) groups) and
     None for plain floats. `layout` names the arrangement kernels read ("rowmajor" = [N, K], K contiguous).
+    `act` is part of the consuming op's semantics: 0 keeps its input in f32; 8 means a LINEAR (or expert
+    projection) reading this weight first rounds each input row to int8 per 32 consecutive elements
+    (ir/quant.py: quantize_activations), so integer dot-product instructions compute it exactly. Printed `+a8`.
     """
 
     dtype: DType
     block: Optional[tuple[int, int]] = None
     layout: str = "rowmajor"
+    act: int = 0
 
     def __str__(self) -> str:
         text = str(self.dtype)
@@ -33,6 +37,8 @@ class WeightFormat:
             text += f"<{self.block[0]}x{self.block[1]}>"
         if self.layout != "rowmajor":
             text += f"@{self.layout}"
+        if self.act:
+            text += f"+a{self.act}"
         return text
 
 

@@ -32,23 +32,32 @@ fp8e4m3<128x128>       WeightFormat(FP8E4M3, (b0, b1))   q: uint8 [..., M, N] fl
                                                           Encoding: scale = block amax / 448 (1 for an all-zero
                                                           block), codes round to nearest even.
 i8<1x32> [int8]        WeightFormat(I8, (1, 32))         q: int8 [..., N, K] in [-127, 127];
-                                                          scale: float32 [..., N, ceil(K/32)];
+                                                          scale: float16 [..., N, ceil(K/32)];
                                                           W[n, k] = float32(q[n, k]) * scale[n, k // 32].
-                                                          Symmetric: scale = group amax / 127 (1 for an
-                                                          all-zero group); q = rint(W / scale) (ties to even).
-                                                          |error| <= scale / 2 per element.
+                                                          Symmetric: scale = float16(group amax / 127) (1 for
+                                                          a group whose scale rounds to 0); q = rint(W /
+                                                          scale) (ties to even, clipped to [-127, 127]).
+                                                          |error| <= scale / 2 (the group's largest value up to
+                                                          qmax * scale * 2^-11 more: its float16 scale may round down).
 i4<1x32> [int4]        WeightFormat(I4, (1, 32))         q: uint8 [..., N, ceil(K/2)]: byte j holds element
                                                           2j in its low nibble and 2j+1 in its high nibble;
-                                                          scale: float32 [..., N, ceil(K/32)]; shape.
+                                                          scale: float16 [..., N, ceil(K/32)]; shape.
                                                           Nibbles are offset-binary: nibble = v + 8, so
                                                           v = nibble - 8 in [-8, 7]; W[n, k] = float32(v) *
-                                                          scale[n, k // 32]. Symmetric: scale = group amax / 7,
+                                                          scale[n, k // 32]. Symmetric: scale = f16(amax / 7),
                                                           v = rint(W / scale) in [-7, 7] (8 is never written;
                                                           padding nibbles past K are 8, i.e. zero).
-                                                          |error| <= scale / 2 per element. Chosen over the
+                                                          |error| as for i8. Chosen over the
                                                           asymmetric (scale, min) variant: weights are centred on
                                                           zero, and one scale per group keeps the kernel to one
-                                                          multiply and the group at 20 bytes.
+                                                          multiply and the group at 18 bytes.
+
+Activations (WeightFormat.act)
+------------------------------
+act=8 (what --quant int8/int4 gives LINEAR and expert weights): the consuming op multiplies
+quantize_activations(x) instead of x: per 32 consecutive input elements, amax = max|x|, q = rint(x * (127 /
+amax)) (ties to even, 0 for an all-zero group), value = q * (amax / 127), all in float32. Integer dot-product
+instructions then compute the product exactly (up to float32 summation order); the error is like the weights'.
 
 Layouts (WeightFormat.layout; `select-layout` picks one per target)
 -------------------------------------------------------------------
@@ -86,8 +95,34 @@ FP8_BLOCK128 = WeightFormat(DType.FP8E4M3, (128, 128))
 INT8_G32 = WeightFormat(DType.I8, (1, 32))
 INT4_G32 = WeightFormat(DType.I4, (1, 32))
 
-# --quant names -> the format every quantizable weight is re-encoded into
-QUANT_FORMATS: dict[str, WeightFormat] = {"f32": F32, "bf16": BF16, "int8": INT8_G32, "int4": INT4_G32}
+# --quant names -> the format every quantizable weight is re-encoded into. Integer weights come with int8
+# activations (`act=8`): like llama.cpp's Q8_0/Q4 dot products, the input row is rounded per 32 elements so the
+# CPU's integer dot-product instructions (AVX-512 VNNI) do the multiply-adds; the interpreter rounds identically.
+QUANT_FORMATS: dict[str, WeightFormat] = {
+    "f32": F32, "bf16": BF16,
+    "int8": WeightFormat(DType.I8, (1, 32), act=8), "int4": WeightFormat(DType.I4, (1, 32), act=8)}
+
+ACT_GROUP = 32      # elements of an input row that share one int8 activation scale
+F16_MAX = 65504.0
+
+
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """What an `act=8` weight's consumer multiplies: each row of x (last axis) rounded to int8 per ACT_GROUP
+    elements and scaled back, in float32 step by step exactly as the kernels do it:
+    amax = max|x| over the group; q = rint(x * (127 / amax)) (ties to even; q = 0 when amax = 0);
+    value = q * (amax / 127). A ragged last group is its own group."""
+    x = np.asarray(x, np.float32)
+    K = x.shape[-1]
+    G = -(-K // ACT_GROUP)
+    pad = np.zeros(x.shape[:-1] + (G * ACT_GROUP,), np.float32)
+    pad[..., :K] = x
+    groups = pad.reshape(x.shape[:-1] + (G, ACT_GROUP))
+    amax = np.abs(groups).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(groups * inv)
+    out = q * (amax / np.float32(127))
+    return out.reshape(pad.shape)[..., :K].astype(np.float32)
 
 ROWMAJOR = "rowmajor"
 K32_BLOCKED = "k32-blocked"
@@ -95,11 +130,17 @@ LAYOUTS = (ROWMAJOR, K32_BLOCKED)
 
 
 def with_layout(fmt: WeightFormat, layout: str) -> WeightFormat:
-    return WeightFormat(fmt.dtype, fmt.block, layout)
+    return WeightFormat(fmt.dtype, fmt.block, layout, fmt.act)
+
+
+def for_input(fmt: WeightFormat, x: np.ndarray) -> np.ndarray:
+    """The input a LINEAR / expert projection with a weight of format `fmt` multiplies (see WeightFormat.act)."""
+    return quantize_activations(x) if fmt.act == 8 else x
 
 
 def same_encoding(a: WeightFormat, b: WeightFormat) -> bool:
-    """Equal values for equal inputs: same element type and scale block (the layout only moves bytes)."""
+    """Equal stored values: same element type and scale block (the layout only moves bytes; `act` is how
+    consumers treat their input, not part of the stored weight)."""
     return a.dtype == b.dtype and a.block == b.block
 
 
@@ -234,8 +275,11 @@ class _GroupCodec(Codec):
         padded[..., :k] = value
         grouped = padded.reshape(value.shape[:-1] + (groups, g))
         amax = np.abs(grouped).max(axis=-1)
-        scale = np.where(amax > 0, amax / np.float32(self.qmax), np.float32(1.0)).astype(np.float32)
-        v = np.clip(np.rint(grouped / scale[..., None]), -self.qmax - 1, self.qmax).astype(np.int8)
+        # float16 scales, like llama.cpp's Q8_0/Q4_0: 2 bytes per 32 weights; values are rounded against the
+        # stored (rounded) scale, so the error bound below holds for it
+        scale = np.minimum(amax / np.float32(self.qmax), np.float32(F16_MAX)).astype(np.float16)
+        scale = np.where(scale > 0, scale, np.float16(1.0))
+        v = np.clip(np.rint(grouped / scale.astype(np.float32)[..., None]), -self.qmax - 1, self.qmax).astype(np.int8)
         v = v.reshape(padded.shape)[..., :k]
         return {**self._store(v), "scale": scale}
 

@@ -8,6 +8,9 @@ decode(parts in the new layout) == decode(rowmajor parts), bit for bit. The tabl
            fp8e4m3<128x128>    -> rowmajor     (the checkpoint's own bytes; one scale per 128-column run)
   interp and every other target: rowmajor for every format (GPU back ends add their entries here).
 
+Below this IR-level choice, the CPU code generator interleaves rows of int8/int4 weights with int8 activations
+(WeightFormat.act = 8) in tiles of 16 for AVX-512 VNNI (codegen/layout.py): a per-CPU detail of the same bytes.
+
 Invariant: every WEIGHT's format has the layout the table gives for its dtype on ctx.target, and ctx.weights
 holds its parts in that layout; the graph and all values are unchanged.
 """

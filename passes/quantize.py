@@ -14,7 +14,8 @@ Quantization is a format, not an op: the graph keeps its LINEAR/MOE/MATMUL nodes
 
 ctx.quant None keeps every weight's checkpoint format (FP8 stays block-FP8: no dequantized copy exists);
 ctx.quant in {f32, bf16, int8, int4} re-encodes from the weight's exact f32 value (ir/quant.py documents the
-bytes). A weight already stored in the target encoding (another program of the same compile got there first)
+bytes). int8/int4 LINEAR and expert weights get `act=8` (their input rows are rounded to int8 per 32, see
+WeightFormat.act); weights also read another way (MATMUL operands, a GATHERed tied table) keep f32 activations. A weight already stored in the target encoding (another program of the same compile got there first)
 is reused, never re-rounded.
 
 Invariant: the graph is unchanged except for WEIGHT formats; every WEIGHT's format has a codec and, where it is
@@ -22,6 +23,7 @@ not plain f32, ctx.weights holds its parts in exactly that format, so the interp
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from dzc.errors import InputError
@@ -88,6 +90,18 @@ def weight_roles(program: Program) -> dict[str, str]:
     return out
 
 
+def _read_other_than_linear(program: Program) -> set[str]:
+    """Weights some op reads other than as a LINEAR's or expert op's weight operand (MATMUL, GATHER of a tied
+    table): their activations stay f32 and their layout stays the plain one every reader understands."""
+    out: set[str] = set()
+    for node in program.toposort():
+        first = 1 if node.op == Op.LINEAR else _EXPERT_OPS.get(node.op)
+        for i, s in enumerate(node.src):
+            if s.op == Op.WEIGHT and (first is None or i < first):
+                out.add(s.arg.name)
+    return out
+
+
 def target_format(quant_name: str) -> WeightFormat:
     fmt = quant.QUANT_FORMATS.get(quant_name)
     if fmt is None:
@@ -99,7 +113,7 @@ def store_as(ctx: PassContext, ref: WeightRef, fmt: WeightFormat) -> WeightForma
     """Make ctx.weights hold `ref` in `fmt` (any layout if already encoded so); returns the format it now has."""
     stored = ctx.weights.encoded(ref.name)
     if stored is not None and quant.same_encoding(stored[0], fmt):
-        return stored[0]
+        return dataclasses.replace(stored[0], act=fmt.act)
     if stored is None and fmt.dtype == DType.F32:
         return fmt  # the store already serves this weight's exact f32 values
     value = ctx.weights.f32(ref.name)
@@ -120,11 +134,14 @@ class Quantize:
             out = program
         else:
             wanted = {MATRIX: target_format(ctx.quant), EMBEDDING: EMBEDDING_FORMATS[ctx.quant]}
+            float_inputs = _read_other_than_linear(program)
 
             def rule(node: Node, _ctx) -> Node | None:
                 fmt = wanted.get(roles[node.arg.name])
                 if fmt is None:
                     return None
+                if node.arg.name in float_inputs:
+                    fmt = dataclasses.replace(fmt, act=0)   # e.g. MATMUL's activations stay f32 (WeightFormat.act)
                 new_fmt = store_as(ctx, node.arg, fmt)
                 return None if new_fmt == node.arg.fmt else node.replace(arg=WeightRef(node.arg.name, new_fmt))
 

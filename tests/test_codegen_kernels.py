@@ -6,10 +6,13 @@ chosen to hit edges: K not a multiple of 16 or 32, N = 1, T = 1 and T = 7, ragge
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from dzc.codegen.runner import NativeProgram
+from dzc.codegen.target import Target, host_target
 from dzc.ir import quant
 from dzc.ir.dtypes import DType
 from dzc.ir.infer import make
@@ -27,7 +30,15 @@ FORMATS = {
     "int8": quant.INT8_G32, "int4": quant.INT4_G32,
     "int8-k32": quant.with_layout(quant.INT8_G32, quant.K32_BLOCKED),
     "int4-k32": quant.with_layout(quant.INT4_G32, quant.K32_BLOCKED),
+    # int8 activations (WeightFormat.act): row-tiled VNNI kernels where the CPU has them, else rounded inputs
+    "int8-a8": quant.QUANT_FORMATS["int8"], "int4-a8": quant.QUANT_FORMATS["int4"],
 }
+
+
+def without_int8_dot() -> Target:
+    """This CPU minus AVX-512 VNNI: act=8 weights take the portable path (round the input, float kernels)."""
+    host = host_target()
+    return dataclasses.replace(host, features=host.features.replace("+avx512vnni", "-avx512vnni"))
 
 
 class Store(WeightStore):
@@ -50,10 +61,10 @@ def program(name: str, inputs: list[Tensor], outputs: dict[str, Tensor]) -> Prog
     return Program(name, tuple(t.node for t in inputs), tuple((k, v.node) for k, v in outputs.items()))
 
 
-def check(prog: Program, store: WeightStore, feed: dict, rtol: float = 2e-5, cache_rows=None) -> dict:
+def check(prog: Program, store: WeightStore, feed: dict, rtol: float = 2e-5, cache_rows=None, target=None) -> dict:
     want = Interpreter(store).run(prog, {k: (v[: cache_rows[k]] if cache_rows and k in cache_rows else v)
                                          for k, v in feed.items()})
-    got = NativeProgram(prog, store).run(feed, cache_rows)
+    got = NativeProgram(prog, store, target).run(feed, cache_rows)
     for name, ref in want.items():
         out = got[name]
         assert out.shape == ref.shape, (name, out.shape, ref.shape)
@@ -139,6 +150,27 @@ def test_linear(fmt, n, K, N):
     f = store.add("w", f32(N, K) * 0.2, FORMATS[fmt])
     x = input_("x", DType.F32, (T, K) if n > 1 else (1, K))
     check(program("p", [x], {"y": linear(x, weight("w", f, (N, K)))}), store, {"x": f32(n, K)})
+
+
+@pytest.mark.parametrize("fmt", ["int8-a8", "int4-a8"])
+@pytest.mark.parametrize("n,K,N", [(1, 301, 37), (7, 200, 13), (9, 96, 64)])
+def test_linear_int8_activations_without_vnni(fmt, n, K, N):
+    store = Store()
+    f = store.add("w", f32(N, K) * 0.2, FORMATS[fmt])
+    x = input_("x", DType.F32, (T, K) if n > 1 else (1, K))
+    check(program("p", [x], {"y": linear(x, weight("w", f, (N, K)))}), store, {"x": f32(n, K)},
+          target=without_int8_dot())
+
+
+def test_int8_activation_rounding():
+    """quantize_activations (what kernels compute): per 32 elements, ties to even, zero groups, ragged tail."""
+    x = np.zeros((2, 70), np.float32)
+    x[0, :4] = [127, 0.5, 1.5, -2.5]          # amax 127: scale exactly 1, so the ties are visible
+    x[1, 64:] = [3, -6, 1.5, 0, 0, 0]          # the last group has 6 elements
+    got = quant.quantize_activations(x)
+    assert list(got[0, :4]) == [127, 0, 2, -2] and np.all(got[0, 32:] == 0)
+    assert got[1, 65] == -6 and got[1, 66] == np.float32(np.rint(np.float32(1.5) * (np.float32(127) / 6))) * (
+        np.float32(6) / np.float32(127))
 
 
 def test_linear_on_strided_rows():
@@ -238,10 +270,12 @@ def _moe_program(store: Store, fmt: WeightFormat, n_tokens, lowered: bool):
     return program("p", [x, idx, w], {"y": out})
 
 
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8-k32", "fp8"])
+@pytest.mark.parametrize("fmt,vnni", [("f32", True), ("bf16", True), ("int8-k32", True), ("fp8", True),
+                                      ("int8-a8", True), ("int4-a8", True), ("int8-a8", False), ("int4-a8", False)])
 @pytest.mark.parametrize("n,lowered", [(1, False), (7, False), (7, True)])
-def test_moe(fmt, n, lowered):
+def test_moe(fmt, vnni, n, lowered):
     store = Store()
     prog = _moe_program(store, FORMATS[fmt], 1 if n == 1 else T, lowered)
     idx = np.stack([RNG.choice(6, 3, replace=False) for _ in range(n)]).astype(np.int32)
-    check(prog, store, {"x": f32(n, 40), "idx": idx, "w": np.abs(f32(n, 3))})
+    check(prog, store, {"x": f32(n, 40), "idx": idx, "w": np.abs(f32(n, 3))},
+          target=None if vnni else without_int8_dot())

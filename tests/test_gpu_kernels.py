@@ -37,7 +37,7 @@ def _on_opencl(monkeypatch, tmp_path_factory, request):
     class Both:
         """Run the one-thread form and the cooperative form; the test compares the latter's outputs too."""
 
-        def __init__(self, program, store):
+        def __init__(self, program, store, target=None):     # a CPU target does not apply: GPUs lower their own
             self.program = OpenCLProgram(program, store, checks=checks)
 
         def run(self, feed, cache_rows=None):

@@ -10,6 +10,7 @@ from dzc.errors import InputError, IRError
 from dzc.ir import quant
 from dzc.ir.dtypes import DType
 from dzc.ir.node import WeightFormat
+from dzc.ir.ops import Op
 from dzc.ir.printer import format_program
 from dzc.ir.verifier import verify
 from dzc.ir.weights import WeightStore
@@ -81,13 +82,13 @@ def test_int_group_error_bound(fmt, qmax, shape):
     got = quant.decode(parts, fmt)
     k = shape[-1]
     groups = -(-k // 32)
-    assert parts["scale"].shape == shape[:-1] + (groups,) and parts["scale"].dtype == np.float32
+    assert parts["scale"].shape == shape[:-1] + (groups,) and parts["scale"].dtype == np.float16
     pad = np.zeros(shape[:-1] + (groups * 32,), np.float32)
     pad[..., :k] = np.abs(w)
     amax = pad.reshape(shape[:-1] + (groups, 32)).max(-1)
-    np.testing.assert_array_equal(parts["scale"], (amax / np.float32(qmax)).astype(np.float32))
-    scale = np.repeat(parts["scale"], 32, -1)[..., :k]
-    assert np.all(np.abs(got - w) <= scale * (0.5 + 1e-5))
+    np.testing.assert_array_equal(parts["scale"], (amax / np.float32(qmax)).astype(np.float16))
+    scale = np.repeat(parts["scale"].astype(np.float32), 32, -1)[..., :k]
+    assert np.all(np.abs(got - w) <= scale * (0.5 + qmax * 2.0 ** -11 + 1e-5))
     # decode is exactly value * scale in float32
     v = quant.codec_for(fmt)._unpack(parts)
     assert v.min() >= -qmax and v.max() <= qmax
@@ -95,17 +96,17 @@ def test_int_group_error_bound(fmt, qmax, shape):
 
 
 def test_int_group_zero_groups_and_storage():
-    w = np.zeros((2, 40), np.float32)
-    w[1, 35] = -3.0
-    for fmt in (quant.INT8_G32, quant.INT4_G32):
+    for fmt, qmax in ((quant.INT8_G32, 127), (quant.INT4_G32, 7)):
+        w = np.zeros((2, 40), np.float32)
+        w[1, 35] = -qmax / 16           # scale 1/16: exact in float16, so the round trip is exact
         parts = quant.encode(w, fmt)
         assert np.array_equal(quant.decode(parts, fmt), w)
-    p8, p4 = quant.encode(w, quant.INT8_G32), quant.encode(w, quant.INT4_G32)
+    p8, p4 = quant.encode(w * 127 / 7, quant.INT8_G32), quant.encode(w, quant.INT4_G32)
     assert p8["q"].dtype == np.int8 and p8["q"].shape == (2, 40) and p8["q"][1, 35] == -127
     assert p4["q"].dtype == np.uint8 and p4["q"].shape == (2, 20)
     # element 35 = byte 17, high nibble; -7 + 8 = 1; the low nibble (element 34) is zero = 8
     assert p4["q"][1, 17] == (1 << 4) | 8 and p4["q"][0, 0] == 0x88
-    assert quant.parts_nbytes(p4) == 2 * 20 + 2 * 2 * 4
+    assert quant.parts_nbytes(p4) == 2 * 20 + 2 * 2 * 2          # float16 scales
 
 
 def test_int4_odd_k():
@@ -184,7 +185,9 @@ def test_no_quant_keeps_checkpoint_formats():
 
 @pytest.mark.parametrize("q_lora", [True, False])
 def test_int8_formats_and_logits_within_10_percent(q_lora):
-    tm = pm.tiny(q_lora, seed=2)
+    # hidden 128: four int8 activation groups per row (at 32 one group is the whole row, and the random routers'
+    # near-ties flip an expert choice now and then, which no error bound covers)
+    tm = pm.tiny(q_lora, seed=2, hidden_size=128)
     feeds = {"prefill": pm.inputs(tm.config, 5, 4), "decode": pm.inputs(tm.config, 1, 6)}
     refs = {ph: pm.run(tm.programs[ph], tm.weights, feeds[ph]) for ph in feeds}
     ctx = tm.ctx(quant="int8")
@@ -194,14 +197,17 @@ def test_int8_formats_and_logits_within_10_percent(q_lora):
             program = p.run(program, ctx)
             verify(program)
         roles = weight_roles(program)
+        matmul = {s.arg.name for n in program.toposort() if n.op == Op.MATMUL for s in n.src if s.op == Op.WEIGHT}
+        assert bool(matmul) == (phase == "decode")      # absorbed W_UK / W_UV
         for ref in program.weights():
-            want = {MATRIX: quant.INT8_G32, EMBEDDING: quant.BF16}.get(roles[ref.name], quant.F32)
+            int8 = quant.INT8_G32 if ref.name in matmul else quant.QUANT_FORMATS["int8"]   # act=8 unless MATMUL
+            want = {MATRIX: int8, EMBEDDING: quant.BF16}.get(roles[ref.name], quant.F32)
             assert ref.fmt == want, ref.name
             if want != quant.F32:
-                assert tm.weights.encoded(ref.name)[0] == want
+                assert quant.same_encoding(tm.weights.encoded(ref.name)[0], want)
         text = format_program(program)
-        assert "i8<1x32>" in text and 'weight "model.layers.1.mlp.gate.weight" : f32[8, 32]' in text
-        assert 'weight "lm_head.weight" : i8<1x32>[64, 32]' in text
+        assert "i8<1x32>" in text and 'weight "model.layers.1.mlp.gate.weight" : f32[8, 128]' in text
+        assert 'weight "lm_head.weight" : i8<1x32>+a8[64, 128]' in text
         out = pm.run(program, tm.weights, feeds[phase])
         assert pm.rel_l2(out["logits"], refs[phase]["logits"]) < 0.10
         assert pm.rel_l2(out["logits"], refs[phase]["logits"]) > 0        # it did quantize

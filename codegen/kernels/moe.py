@@ -9,8 +9,11 @@ rows (gate+up fused, then down with the routing weight, accumulated per output c
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from dzc.codegen.builder import KernelBuilder
-from dzc.codegen.kir import Buf, E, F32, I32, I64, cast, const, exp, load, maximum, minimum
+from dzc.codegen.kir import Buf, E, F32, I32, I64, Operand, bcast, cast, const, exp, load, maximum, minimum
+from dzc.codegen.kernels.int8_dot import TILE, FakeQuant, QRows, quantize_row, store_tile, tile_dot
 from dzc.codegen.kernels.linear import dot_tile, gemm_block, grain_rows
 from dzc.codegen.kernels.weights import WeightAccess
 
@@ -26,11 +29,16 @@ def _silu_mul(g: E, u: E) -> E:
 
 def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], w: tuple[Buf, E],
                gate: WeightAccess, up: WeightAccess, down: WeightAccess, H: int, I: int, k: int,
-               out: tuple[Buf, E], hbuf: Buf) -> None:
+               out: tuple[Buf, E], hbuf: Buf, rounded: Optional[Buf] = None) -> None:
+    """With `rounded` (a scratch row of H), the experts' inputs are int8-rounded first (WeightFormat.act = 8):
+    the token into `rounded`, each slot's h in place."""
     xb, xo = x
     ib, io = idx
     wb, wo = w
     ob, oo = out
+    if rounded is not None:
+        quantize_row(kb, V, xb, xo, H, FakeQuant(rounded, const(0, I64)))
+        xb, xo = rounded, const(0, I64)
     NR = 2 if I % 2 == 0 else 1
     tiles = I // NR
     with kb.loop(0, k * tiles, parallel=True, grain=grain_rows(2 * NR, H, gate.pk.bytes_per_weight), name="t") as t:
@@ -40,6 +48,9 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
         res = dot_tile(kb, V, [(xb, xo)], [(gate, e, j0 + r) for r in range(NR)] + [(up, e, j0 + r) for r in range(NR)], H)
         for r in range(NR):
             kb.store(hbuf, s * I + j0 + r, _silu_mul(res[0][r], res[0][NR + r]))
+    if rounded is not None:
+        for s in range(k):
+            quantize_row(kb, V, hbuf, s * I, I, FakeQuant(hbuf, const(s * I, I64)))
     NR2 = 4
     tiles2 = H // NR2
     if tiles2:
@@ -143,3 +154,81 @@ def sort_by_expert(kb: KernelBuilder, idx: tuple[Buf, E, E], T: E, k: int, E_: i
                 c = kb.let(load(counts, e), "c")
                 kb.store(pairs, cast(c, I64), cast(t * k + s, I32))
                 kb.store(counts, e, c + const(1, I32))
+
+
+def moe_decode_int8(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], w: tuple[Buf, E],
+                    gate: WeightAccess, up: WeightAccess, down: WeightAccess, H: int, I: int, k: int,
+                    out: tuple[Buf, E], hbuf: Buf, xq: QRows, hq: QRows) -> None:
+    """moe_decode over row-tiled int8/int4 experts: the token is quantized once, each selected expert's gate and
+    up tiles run as integer dot products, h (padded to whole tiles) is quantized per slot, then the down tiles."""
+    xb, xo = x
+    ib, io = idx
+    wb, wo = w
+    ob, oo = out
+    quantize_row(kb, V, xb, xo, H, xq)
+    ti = gate.pk.tiles(I)
+    Ip = ti * TILE
+    with kb.loop(0, k * ti, parallel=True, grain=max(1, (1 << 15) // (2 * TILE * H)), name="t") as t:
+        s = kb.let(t // ti, "s")
+        j = kb.let(t % ti, "j")
+        e = kb.let(_expert(load(ib, io + s), gate.E), "e")
+        res = tile_dot(kb, [(xq, 0)], [(gate, e, j), (up, e, j)], H)
+        kb.store(hbuf, s * Ip + j * TILE, _silu_mul(res[0][0], res[0][1]))
+    for s in range(k):
+        quantize_row(kb, V, hbuf, s * Ip, I, hq, s)
+
+    def down_tile(t: Operand) -> E:
+        acc = kb.reg(const(0.0, F32.vec(TILE)), "y")
+        with kb.loop(0, k, name="s") as s:
+            e = kb.let(_expert(load(ib, io + s), gate.E), "e")
+            res = tile_dot(kb, [(hq, s)], [(down, e, t)], I)
+            kb.set(acc, acc.v + res[0][0] * bcast(load(wb, wo + s), TILE))
+        return acc.v
+
+    full = H // TILE
+    if full:
+        with kb.loop(0, full, parallel=True, grain=max(1, (1 << 15) // (TILE * k * I)), name="t") as t:
+            kb.store(ob, oo + t * TILE, down_tile(t))
+    if H % TILE:
+        store_tile(kb, full * TILE, down_tile(full), H % TILE, lambda n, v: kb.store(ob, oo + n, v))
+
+
+def grouped_int8(kb: KernelBuilder, offs: Buf, E_: int, N: int, K: int, xrow, wtiles, store, MR: int = 4) -> None:
+    """For every expert e and its sorted rows m in offs[e]..offs[e+1]: store(m, n0, results, valid) with the
+    f32x16 results of row m against tiles wtiles(e, t) (row-tiled int8/int4 weights, output rows n0..n0+15 of
+    which `valid` exist). Threads split the full tiles; a ragged last tile runs after them."""
+    def tile(t: Operand, valid: int) -> None:
+        with kb.loop(0, E_, name="e") as e:
+            lo = kb.let(cast(load(offs, e), I64), "lo")
+            hi = kb.let(cast(load(offs, e + 1), I64), "hi")
+            with kb.if_(lo < hi):
+                mfull = kb.let(lo + (hi - lo) // MR * MR, "mfull")
+                for a, b, mr in ((lo, mfull, MR), (mfull, hi, 1)):
+                    with kb.loop(a, b, step=mr, name="m") as m:
+                        res = tile_dot(kb, [xrow(m + i) for i in range(mr)], wtiles(e, t), K)
+                        for i in range(mr):
+                            store(m + i, t * TILE, res[i], valid)
+
+    full = N // TILE
+    if full:
+        with kb.loop(0, full, parallel=True, name="t") as t:
+            tile(t, TILE)
+    if N % TILE:
+        tile(full, N % TILE)
+
+
+def moe_int8(kb: KernelBuilder, V: int, offs: Buf, E_: int, rows: E, xrow, gate: WeightAccess, up: WeightAccess,
+             down: WeightAccess, H: int, I: int, Hout: int, hbuf: Buf, xq: QRows, hq: QRows, store) -> None:
+    """Prefill experts over row-tiled int8/int4 weights for `rows` sorted rows (row m's input is xrow(m) =
+    (buffer, offset)): quantize the inputs, gate/up tiles -> h (rows padded to whole tiles in hbuf), quantize h,
+    down tiles -> store(m, n0, f32x16, valid)."""
+    from dzc.codegen.kernels.int8_dot import quantize_rows
+    Ip = gate.pk.tiles(I) * TILE
+    quantize_rows(kb, V, rows, xrow, H, lambda m: (xq, m))
+
+    def h_store(m, n0, res, valid):
+        kb.store(hbuf, m * Ip + n0, _silu_mul(res[0], res[1]))
+    grouped_int8(kb, offs, E_, Ip, H, lambda m: (xq, m), lambda e, t: [(gate, e, t), (up, e, t)], h_store)
+    quantize_rows(kb, V, rows, lambda m: (hbuf, m * Ip), I, lambda m: (hq, m))
+    grouped_int8(kb, offs, E_, Hout, I, lambda m: (hq, m), lambda e, t: [(down, e, t)],
+                 lambda m, n0, res, valid: store_tile(kb, n0, res[0], valid, lambda n, v: store(m, n, v)))

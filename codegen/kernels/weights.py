@@ -31,6 +31,9 @@ class WeightAccess:
         rb = self.pk.rblock
         row = n if rb == 1 else n // rb
         idx = (e * self.srows + row) * self.scols + g
+        if self.pk.tile:                                            # [tiles, groups, tile rows]
+            tl = self.pk.tile
+            idx = ((e * self.pk.tiles(self.N) + n // tl) * self.scols + g) * tl + n % tl
         s = load(self.scale_buf, idx)
         return s if s.dtype == F32 else cast(s, F32)
 
@@ -63,6 +66,8 @@ class WeightAccess:
     def raw_scalar(self, e: Operand, n: Operand, k: Operand) -> E:
         kind = self.pk.kind
         k = _lift(k, None)
+        if self.pk.tile:
+            return self._tiled_scalar(e, n, k)
         if kind == "i4":
             g, p = k // self.group, k % self.group
             sub, q = p // 32, p % 32
@@ -71,6 +76,19 @@ class WeightAccess:
             nib = (b >> (cast((q // 16) * 4, I32))) & const(15, I32)
             return cast(nib - const(8, I32), F32)
         return self.raw_vec(e, n, k, 1)
+
+    def _tiled_scalar(self, e: Operand, n: Operand, k: E) -> E:
+        """One value of a row-tiled int8/int4 weight (codegen/layout.py), for readers other than tile_dot."""
+        t, r = n // self.pk.tile, n % self.pk.tile
+        per = 4 if self.pk.kind == "i8" else 8                   # K elements per 4-byte lane
+        lanes_per_row = self.row_len // 4
+        byte = load(self.data, ((e * self.pk.tiles(self.N) + t) * lanes_per_row + k // per) * (4 * self.pk.tile)
+                    + r * 4 + (k % per) % 4)
+        b = cast(byte, I32)
+        if self.pk.kind == "i8":
+            return cast(b - const(128, I32), F32)
+        nib = (b >> cast(((k % per) // 4) * 4, I32)) & const(15, I32)
+        return cast(nib - const(8, I32), F32)
 
     def scalar(self, e: Operand, n: Operand, k: Operand) -> E:
         raw = self.raw_scalar(e, n, k)
