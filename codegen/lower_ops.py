@@ -11,7 +11,7 @@ from dzc.codegen.kernels import attention as attn
 from dzc.codegen.kernels import int8_dot
 from dzc.codegen.kernels import moe as moe_k
 from dzc.codegen.kernels.int8_dot import FakeQuant, QRows, quantize_row, weight_offset
-from dzc.codegen.kernels.linear import gemm, gemv
+from dzc.codegen.kernels.linear import gemm, gemm_panel, gemv, panel_formats
 from dzc.codegen.kernels.weights import WeightAccess
 from dzc.codegen.layout import for_target, packed_format
 from dzc.codegen.lower import KC, Lowerer, elementwise, expand, handles, permute, reshape, shape_of, slice_
@@ -205,7 +205,10 @@ def _linear(low: Lowerer, node: Node):
     if w.ref.fmt.act:
         xb, xo, xse = kc.buf(round_rows(low, kc, M, K, lambda m: (xb, xo + m * xse), "x_a8").slot), kir.i64(0), kir.i64(K)
     if M == 1:
-        gemv(kb, V, (xb, xo), wa, N, K, lambda n, v: kb.store(yb, yo + n, v))
+        # 8 weight rows per tile where 32 vector registers hold them: more streams in flight (bf16 decode +15%)
+        gemv(kb, V, (xb, xo), wa, N, K, lambda n, v: kb.store(yb, yo + n, v), NR=8 if low.target.vector_regs >= 32 else 4)
+    elif panel_formats(wa, V) and low.target.name == "cpu" and low.target.vector_regs >= 32:
+        gemm_panel(kb, V, M.expr(), lambda m: (xb, xo + m * xse), wa, N, K, (yb, lambda m: yo + m * N))
     else:
         MR, NR = tile_shape(low)
         MB = max(MR, min(64, (1 << 19) // (4 * K)) // MR * MR)
@@ -278,7 +281,8 @@ def _moe(low: Lowerer, node: Node):
                                   act_rows(low, kc, k, I, off, "moe_hq"))
         else:
             rounded = kc.buf(low.scratch(F32, H, "moe_x_a8")) if act else None
-            moe_k.moe_decode(*args, kc.buf(low.scratch(F32, k * I, "moe_h")), rounded)
+            wide = low.target.vector_regs >= 32
+            moe_k.moe_decode(*args, kc.buf(low.scratch(F32, k * I, "moe_h")), rounded, 4 if wide else 2, 8 if wide else 4)
         low.emit(kc)
         return dest
     Te = T.expr()

@@ -144,7 +144,7 @@ def test_take_topk_ties():
 
 # ---- linear (every format, GEMV and GEMM) and matmul ---------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("n,K,N", [(1, 45, 1), (1, 301, 37), (7, 200, 13), (7, 37, 130)])
+@pytest.mark.parametrize("n,K,N", [(1, 45, 1), (1, 301, 37), (7, 200, 13), (7, 37, 130), (19, 600, 45)])
 def test_linear(fmt, n, K, N):
     store = Store()
     f = store.add("w", f32(N, K) * 0.2, FORMATS[fmt])

@@ -7,13 +7,16 @@ with one fma; GEMM scales each decoded weight vector once and reuses it MR times
 
 GEMV splits weight rows over threads in tiles of NR; GEMM splits blocks of NB weight rows over threads and walks
 the activation rows in blocks of MB that stay in L2 while the block's weight rows are reused from L1/L2.
+
+`gemm_panel` is the faster prefill GEMM where the format allows (f32/bf16/f16/fp8/int8 rows, 32 vector
+registers): the outer-product form (weights decoded once into a panel, x broadcast, no horizontal sums).
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 from dzc.codegen.builder import KernelBuilder
-from dzc.codegen.kir import Buf, E, F32, Operand, bcast, const, fma, load, minimum, reduce_add
+from dzc.codegen.kir import BOOL, I64, Buf, E, F32, Operand, bcast, const, fma, lane, load, minimum, reduce_add, where
 from dzc.codegen.kernels.weights import WeightAccess
 
 WRow = tuple[WeightAccess, Operand, Operand]      # (weight, expert, row)
@@ -207,3 +210,83 @@ def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: 
         with kb.loop(0, Kd, name="k") as k:
             kb.set(acc, fma(a(k), wa.scalar(e, k, n), acc.v))
         store(n, acc.v)
+
+
+PANEL_K = 256       # K elements per packed panel: NT*V rows x 256 f32 = 32 KB for 2 x 16 lanes (L1/L2-resident)
+
+
+def panel_formats(wa: WeightAccess, V: int) -> bool:
+    """Whether gemm_panel can decode this weight V elements at a time (grouped formats: groups of whole vectors)."""
+    return wa.pk.kind in ("f32", "bf16", "f16", "fp8", "i8") and not wa.pk.tile and (
+        not wa.group or (wa.group % V == 0 and PANEL_K % wa.group == 0 or wa.group % PANEL_K == 0))
+
+
+def gemm_panel(kb: KernelBuilder, V: int, M: E, xrow: Callable[[E], tuple[Buf, E]], wa: WeightAccess, N: int,
+               K: int, y: tuple[Buf, Callable[[E], E]], MR: int = 8, NT: int = 2) -> None:
+    """y[m, n] = x_m . W[n] for m < M, n < N, in the outer-product form of BLIS-style GEMMs: threads split blocks
+    of NT*V weight rows; per PANEL_K slice of K a thread decodes its rows once into a stack panel [k][NT*V] (f32,
+    all formats), then every MR rows of x run MR x NT vector accumulators with, per k, NT panel loads, MR
+    broadcasts of x[m, k] and MR*NT fmas: no horizontal sums, weights decoded once per block instead of once per
+    MR rows. Partial sums of a K slice are added into y (`y` = (buffer, row offset of row m); columns contiguous)."""
+    yb, yrow = y
+    NB = NT * V
+    nkb, ktail = K // PANEL_K, K % PANEL_K
+
+    def pack(panel: Buf, n0: E, k0: E, KB: int) -> None:
+        with kb.loop(0, NB, name="r") as r:
+            n = kb.let(minimum(n0 + r, N - 1), "n")           # rows past N repeat the last one; never stored
+            kv = KB // V * V
+            if kv:
+                with kb.loop(0, kv, step=V, name="kk") as kk:
+                    w = wa.raw_vec(0, n, k0 + kk, V)
+                    if wa.group:
+                        w = w * bcast(wa.scale(0, n, (k0 + kk) // wa.group), V)
+                    w = kb.let(w, "w")
+                    for i in range(V):
+                        kb.store(panel, (kk + i) * NB + r, lane(w, i))
+            for kk in range(kv, KB):
+                kb.store(panel, kk * NB + r, wa.scalar(0, n, k0 + kk))
+
+    def rows(panel: Buf, n0: E, k0: E, KB: int, first: E, valid: int) -> None:
+        mfull = kb.let(M // MR * MR, "mfull")
+        for lo, hi, mr in ((0, mfull, MR), (mfull, M, 1)):
+            with kb.loop(lo, hi, step=mr, name="m") as m:
+                xs = [xrow(m + i) for i in range(mr)]
+                acc = [[kb.reg(const(0.0, F32.vec(V)), "acc") for _ in range(NT)] for _ in range(mr)]
+                with kb.loop(0, KB, name="k") as k:
+                    ws = [kb.let(load(panel, k * NB + t * V, V), "wv") for t in range(NT)]
+                    for i, (xb, xo) in enumerate(xs):
+                        xv = kb.let(bcast(load(xb, xo + k0 + k), V), "xv")
+                        for t in range(NT):
+                            kb.set(acc[i][t], fma(xv, ws[t], acc[i][t].v))
+                for i in range(mr):
+                    base = kb.let(yrow(m + i) + n0, "y")
+                    for t in range(NT):
+                        lanes = max(0, min(V, valid - t * V))
+                        parts = [(base + t * V, acc[i][t].v, V)] if lanes == V else [
+                            (base + t * V + j, lane(acc[i][t].v, j), 1) for j in range(lanes)]
+                        for addr, value, n in parts:
+                            kb.store(yb, addr, where(first, value, value + load(yb, addr, n)))
+
+    def blocks(j0: E, j1: E, valid: int) -> None:
+        """Row blocks j0..j1-1 (of NB rows; `valid` rows in each), K slice by K slice: a slice of x stays in L2
+        while the blocks reuse it."""
+        panel = kb.local(F32, PANEL_K * NB, "panel")
+        if nkb:
+            with kb.loop(0, nkb, name="kb") as kbi:
+                with kb.loop(j0, j1, name="j") as j:
+                    pack(panel, j * NB, kbi * PANEL_K, PANEL_K)
+                    rows(panel, j * NB, kbi * PANEL_K, PANEL_K, kbi.eq(0), valid)
+        if ktail:
+            k0 = const(nkb * PANEL_K, I64)
+            with kb.loop(j0, j1, name="j") as j:
+                pack(panel, j * NB, k0, ktail)
+                rows(panel, j * NB, k0, ktail, const(nkb == 0, BOOL), valid)
+
+    full = N // NB
+    if full:
+        SB = max(1, min(8, full // 4))            # blocks per thread work item (x reuse vs load balance)
+        with kb.loop(0, -(-full // SB), parallel=True, name="sb") as sb:
+            blocks(sb * SB, minimum(sb * SB + SB, full), NB)
+    if N % NB:
+        blocks(const(full, I64), const(full + 1, I64), N % NB)

@@ -29,9 +29,9 @@ def _silu_mul(g: E, u: E) -> E:
 
 def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], w: tuple[Buf, E],
                gate: WeightAccess, up: WeightAccess, down: WeightAccess, H: int, I: int, k: int,
-               out: tuple[Buf, E], hbuf: Buf, rounded: Optional[Buf] = None) -> None:
+               out: tuple[Buf, E], hbuf: Buf, rounded: Optional[Buf] = None, NR: int = 2, NR2: int = 4) -> None:
     """With `rounded` (a scratch row of H), the experts' inputs are int8-rounded first (WeightFormat.act = 8):
-    the token into `rounded`, each slot's h in place."""
+    the token into `rounded`, each slot's h in place. NR: gate (and up) rows per tile; NR2: down rows per tile."""
     xb, xo = x
     ib, io = idx
     wb, wo = w
@@ -39,7 +39,7 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
     if rounded is not None:
         quantize_row(kb, V, xb, xo, H, FakeQuant(rounded, const(0, I64)))
         xb, xo = rounded, const(0, I64)
-    NR = 2 if I % 2 == 0 else 1
+    NR = NR if I % NR == 0 else 1
     tiles = I // NR
     with kb.loop(0, k * tiles, parallel=True, grain=grain_rows(2 * NR, H, gate.pk.bytes_per_weight), name="t") as t:
         s = kb.let(t // tiles, "s")
@@ -51,7 +51,6 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
     if rounded is not None:
         for s in range(k):
             quantize_row(kb, V, hbuf, s * I, I, FakeQuant(hbuf, const(s * I, I64)))
-    NR2 = 4
     tiles2 = H // NR2
     if tiles2:
         with kb.loop(0, tiles2, parallel=True, grain=grain_rows(NR2 * k, I, down.pk.bytes_per_weight), name="t") as t:
