@@ -29,10 +29,12 @@ clean:
 	rm -rf build $(VENV)
 
 # Not part of test: a llama-bench-shaped table on a synthetic 1.4B-param DeepSeek-V3-shaped checkpoint (~10 GB of
-# disk in $(BENCH_DIR), about an hour on two cores). Run it on a quiet machine.
+# disk in $(BENCH_DIR), about an hour on two cores). Run it on a quiet machine. It includes llama.cpp rows
+# (bench/llama_cpp_bench.py: the llama-cpp-python sdist, built and its GGUFs made in $(BENCH_DIR)/llama.cpp once: ~5 GB,
+# ~15 minutes the first time); add BENCH_ARGS="--llama-cpp ''" to leave them out.
 BENCH_DIR ?= /tmp/dzc-bench
 .PHONY: bench
 bench: $(STAMP)
 	test -f $(BENCH_DIR)/dsv3-bf16/config.json || $(PY) bench/make_checkpoint.py $(BENCH_DIR)/dsv3-bf16
 	test -f $(BENCH_DIR)/dsv3-fp8/config.json || $(PY) bench/make_checkpoint.py $(BENCH_DIR)/dsv3-fp8 --fp8
-	$(PY) bench/run.py --bf16 $(BENCH_DIR)/dsv3-bf16 --fp8 $(BENCH_DIR)/dsv3-fp8 --work $(BENCH_DIR) --threads 1 2
+	$(PY) bench/run.py --bf16 $(BENCH_DIR)/dsv3-bf16 --fp8 $(BENCH_DIR)/dsv3-fp8 --work $(BENCH_DIR) --threads 1 2 $(BENCH_ARGS)

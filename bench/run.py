@@ -9,6 +9,20 @@ at a time (128 decode calls) from an empty cache. t/s is the median over --reps 
 spread). `GB/tok` is the weight bytes one decode step reads (dense weights, the shared experts and top-k of the
 routed experts, lm_head); `roof t/s` = measured read bandwidth / GB/tok; `%roof` = tg t/s / roof t/s.
 Artifacts are compiled into --work once and reused. Not a test: run it on a quiet machine.
+
+llama.cpp rows (`--llama-cpp DIR`, default --work/llama.cpp; `--llama-cpp ''` skips them): bench/llama_cpp_bench.py
+downloads the llama-cpp-python sdist (it vendors llama.cpp), builds llama-bench and llama-quantize (CPU, native,
+-j 2; the first run takes a while), converts the bf16 checkpoint with the vendored convert_hf_to_gguf.py to a
+BF16 GGUF (the checkpoint has no tokenizer: the converter reads DIR/hf-view, symlinks plus a small byte-level
+BPE tokenizer, see bench/llama_cpp_bench.py), quantizes it to Q8_0 and Q4_K_M, and runs
+`llama-bench -m X.gguf -p PP -n TG -t T -r REPS -o json` (its per-rep samples, so the same median ± half range).
+Their GB/tok comes from the GGUF's tensor sizes the same way (every non-expert tensor, top-k/n_experts of the
+routed-expert tensors, one token_embd row). `vs llama.cpp` = dzc t/s / llama.cpp t/s at the same bits per weight
+and threads: bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_K_M. Just llama.cpp, every step cached in DIR:
+
+    python bench/llama_cpp_bench.py --ckpt /tmp/dzc-bench/dsv3-bf16 --work /tmp/dzc-bench/llama.cpp --threads 1 2 --reps 3
+
+If a llama.cpp step fails, one line says which (and names its log) and the table comes without those rows.
 """
 from __future__ import annotations
 
@@ -139,10 +153,7 @@ def bench_torch(ckpt: Path, dtype: str, threads: int, pp: int, tg: int, reps: in
             out = model(input_ids=tok, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
     run_pp()
-    res = {"pp": [pp / t for t in timed(run_pp, reps)], "tg": [tg / t for t in timed(run_tg, reps)]}
-    del model
-    gc.collect()
-    return res
+    return {"pp": [pp / t for t in timed(run_pp, reps)], "tg": [tg / t for t in timed(run_tg, reps)]}
 
 
 def fmt_rate(xs: list[float]) -> str:
@@ -162,6 +173,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--torch", default="bf16,f32", help="PyTorch eager dtypes to run ('' to skip)")
     ap.add_argument("--bandwidth-mb", type=int, default=1024)
+    ap.add_argument("--llama-cpp", default=None, metavar="DIR",
+                    help="llama.cpp work folder (bench/llama_cpp_bench.py; default --work/llama.cpp, '' to skip)")
     a = ap.parse_args()
     from bandwidth import read_bandwidth
     cfg = json.loads((a.bf16 / "config.json").read_text())
@@ -187,12 +200,19 @@ def main() -> int:
             nbytes = {"bf16": 2, "f32": 4}[dt]
             rows.append((f"dsv3-synth {dt}", None, "torch-eager", t, r, None, None, nbytes))
             print(f"done torch {dt} threads={t}", file=sys.stderr, flush=True)
+    lc_dir = a.work / "llama.cpp" if a.llama_cpp is None else (Path(a.llama_cpp) if a.llama_cpp else None)
+    lc_note = bench_llama_cpp(lc_dir, a, bw, rows) if lc_dir is not None else None
     n_params = _params(cfg)
-    print(f"\nmachine read bandwidth: " + ", ".join(f"{bw[t]:.1f} GB/s ({t} threads)" for t in a.threads))
+    print("\nmachine read bandwidth: " + ", ".join(f"{bw[t]:.1f} GB/s ({t} threads)" for t in a.threads))
     print(f"model: {n_params / 1e9:.2f} B params, vocab {vocab}, {cfg['num_hidden_layers']} layers, "
-          f"{cfg['n_routed_experts']} experts top-{cfg['num_experts_per_tok']}\n")
-    print("| model | size | params | backend | threads | test | t/s | GB/tok | roof t/s | %roof |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"{cfg['n_routed_experts']} experts top-{cfg['num_experts_per_tok']}")
+    if lc_note:
+        print(lc_note)
+    print()
+    llama = {(row[0].split()[-1], row[3]): row[4] for row in rows if row[2] == LLAMA_BACKEND}
+    vs = " vs llama.cpp |" if llama else ""
+    print("| model | size | params | backend | threads | test | t/s | GB/tok | roof t/s | %roof |" + vs)
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if llama else ""))
     for row in rows:
         name, total, backend, t, r, per_tok, roof = row[:7]
         size = f"{total / 2**30:.2f} GiB" if total else f"{n_params * row[7] / 2**30:.2f} GiB"
@@ -206,8 +226,39 @@ def main() -> int:
                 extra = "| | | |"
             else:
                 extra = "| | | |"
+            if llama:
+                ref = llama.get((VS_LLAMA.get(name.split()[-1], ""), t)) if backend == "dzc-cpu" else None
+                extra += f" {statistics.median(r[test]) / statistics.median(ref[test]):.2f}x |" if ref else " |"
             print(f"| {name} | {size} | {n_params / 1e9:.2f} B | {backend} | {t} | {label} | {fmt_rate(r[test])} {extra}")
     return 0
+
+
+LLAMA_BACKEND = "llama.cpp-cpu"
+VS_LLAMA = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}     # dzc format -> llama.cpp type, same bits/weight
+
+
+def bench_llama_cpp(work: Path, a: argparse.Namespace, bw: dict, rows: list) -> str | None:
+    """Append llama.cpp rows (BF16, Q8_0, Q4_K_M) to rows; returns a note for the header. A failing step prints
+    one line and adds nothing more."""
+    import llama_cpp_bench as llama_cpp
+    try:
+        binp, ggufs = llama_cpp.prepare(a.bf16, work, max(a.threads))
+        src = llama_cpp.source(work.resolve())
+        build = ""
+        for q, path in ggufs.items():
+            info = llama_cpp.gguf_info(path, src)
+            for t in a.threads:
+                r = llama_cpp.llama_bench(binp, path, t, a.pp, a.tg, a.reps)
+                build = build or r.get("build", "")
+                rows.append((f"dsv3-synth {q}", info["total_bytes"], LLAMA_BACKEND, t, r, info["per_tok_bytes"],
+                             bw[t] * 1e9 / info["per_tok_bytes"]))
+                print(f"done llama.cpp {q} threads={t}", file=sys.stderr, flush=True)
+        return (f"llama.cpp: {src.parent.parent.name} sdist, build {build}, GGUF arch {info['arch']}, "
+                f"{info['expert_count']} experts top-{info['expert_used_count']} (llama-bench)")
+    except Exception as e:       # one line, then the table without (the rest of) these rows
+        msg = str(e) if isinstance(e, llama_cpp.LlamaCppError) else f"{type(e).__name__}: {e}"
+        print(f"llama.cpp: {msg}; the table goes on without (the rest of) its rows", file=sys.stderr, flush=True)
+        return None
 
 
 def _params(cfg: dict) -> int:

@@ -164,7 +164,7 @@ def _matmul_weight(low: Lowerer, node: Node, a, w: WeightVal):
         e = kb.let(e, "e")
         obase = kb.let(dest.index(bidx + [i, kir.i64(0)]), "ob")
         xw_row(kb, low.V, lambda k: low.load(kc, a, a_b + [i, k]), wa, e, Kd, N,
-               lambda n, v: kb.store(ob, obase + n, v))
+               lambda n, v: kb.store(ob, obase + n, v), chunk=16 if low.target.vector_regs >= 32 else 8)
     low.emit(kc)
     return dest
 

@@ -181,12 +181,12 @@ def _tile(kb, V, MR, NR, mlo, mhi, n0, xrow, wrow, K, store) -> None:
 
 
 def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: Operand, Kd: int, N: int,
-           store: Callable[[int, E], None], chunk: int = 4) -> None:
-    """y[n] = sum_k a(k) * W[e, k, n] (x @ W, W's rows are k): columns in register chunks of `chunk` vectors,
-    one pass over k per chunk (a weight row segment is contiguous), scalar columns at the tail.
-    `store(n, value)` gets a V-lane vector for columns n..n+V-1, or a scalar."""
+           store: Callable[[int, E], None], chunk: int = 8) -> None:
+    """y[n] = sum_k a(k) * W[e, k, n] (x @ W, W's rows are k): columns in register chunks of `chunk` vectors, one
+    pass over k per chunk (each pass reads a contiguous piece of every row: make it long, DRAM streams short
+    strided pieces at a fraction of its speed), scalar columns at the tail. `store(n, value)` gets a V-lane
+    vector for columns n..n+V-1, or a scalar."""
     from dzc.codegen.kernels.weights import vec_at
-    from dzc.codegen.kir import bcast
     G = wa.group or N
     starts = []
     c = 0
@@ -196,8 +196,10 @@ def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: 
         starts.append(c)
         c += V
     vec_end = c
-    for i in range(0, len(starts), chunk):
-        group = starts[i:i + chunk]
+    passes = -(-len(starts) // chunk)
+    per = -(-len(starts) // passes) if passes else 0        # equal passes: 32 vectors in chunks of 16 = 2 x 16
+    for i in range(0, len(starts), max(1, per)):
+        group = starts[i:i + per]
         accs = [kb.reg(const(0.0, F32.vec(V)), "acc") for _ in group]
         with kb.loop(0, Kd, name="k") as k:
             av = kb.let(bcast(a(k), V), "a")
