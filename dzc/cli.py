@@ -15,6 +15,12 @@ from dzc import __version__
 from dzc.errors import DzcError, InputError, TokenizerError
 
 
+def add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify", choices=("auto", "full"), default="auto",
+                   help="artifact check: auto = sha256 of files up to 64 MiB, a sampled fingerprint of bigger ones "
+                        "(fast start); full = sha256 of every byte")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults as llama.cpp; --temperature 0 is greedy)")
     g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
@@ -63,7 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dzc.driver import open_model
     from dzc.runtime.generate import generate, generate_all
 
-    model = open_model(args.model, target=args.target, max_context=args.max_context, threads=args.threads)
+    model = open_model(args.model, target=args.target, max_context=args.max_context, threads=args.threads,
+                       verify=args.verify)
     params = _sampling_params(args)
     ids, echo = _prompt_ids(args, model)
     executor = model.make_executor(model.max_context)
@@ -164,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(run)
     run.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens")
     run.add_argument("--threads", type=int, default=None, help="threads for native code")
+    add_verify_arg(run)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument("--dump-logits", default=None, metavar="FILE.npy",
                      help="save float32 [generated, vocab]: row i holds the logits that chose token i")

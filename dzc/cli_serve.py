@@ -52,6 +52,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="interp for a checkpoint (default); artifacts run on their own target")
     p.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens, per concurrent request")
     p.add_argument("--threads", type=int, default=None, help="threads for native code")
+    from dzc.cli import add_verify_arg
+    add_verify_arg(p)
     p.set_defaults(func=run_serve)
     return p
 
@@ -83,7 +85,7 @@ def _open(path: str, args: argparse.Namespace) -> "ServedModel":
 
     return served_model(open_model(path, target=getattr(args, "target", None),
                                    max_context=getattr(args, "max_context", None),
-                                   threads=getattr(args, "threads", None)))
+                                   threads=getattr(args, "threads", None), verify=getattr(args, "verify", "auto")))
 
 
 def served_model(loaded: Any) -> "ServedModel":

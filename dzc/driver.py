@@ -113,12 +113,13 @@ def _tokenizer(folder: Optional[Path]) -> Optional[Tokenizer]:
 
 
 def open_model(path: str | Path, target: Optional[str] = None, max_context: Optional[int] = None,
-               threads: Optional[int] = None) -> LoadedModel:
-    """A checkpoint runs on the interpreter; a compiled artifact folder on the target it was compiled for."""
+               threads: Optional[int] = None, verify: str = "auto") -> LoadedModel:
+    """A checkpoint runs on the interpreter; a compiled artifact folder on the target it was compiled for
+    (`verify`: how its files are checked, see runtime.artifact.load_artifact)."""
     path = Path(path)
     if path.is_dir() and is_artifact(path):
         from dzc.runtime.artifact import open_artifact_model
-        return open_artifact_model(path, max_context=max_context, threads=threads)
+        return open_artifact_model(path, max_context=max_context, threads=threads, verify=verify)
     if target not in (None, "interp"):
         raise InputError(f"{path} is a checkpoint, which runs with --target interp; "
                          f"compile it first: dzc compile {path} --target {target} -o OUT, then dzc run OUT")

@@ -264,8 +264,10 @@ def load_artifact(path: str | Path, verify: bool | str = "auto", map_weights: bo
     return art
 
 
-def open_artifact_model(path: str | Path, max_context: Optional[int] = None, threads: Optional[int] = None):
-    """A compiled artifact as the driver's LoadedModel: config and tokenizer from the folder, native executors."""
+def open_artifact_model(path: str | Path, max_context: Optional[int] = None, threads: Optional[int] = None,
+                        verify: str = "auto"):
+    """A compiled artifact as the driver's LoadedModel: config and tokenizer from the folder, native executors.
+    verify: "auto" / "full" as load_artifact (GPU artifacts are always hashed fully)."""
     from dzc.checkpoint.config import ModelConfig
     from dzc.driver import LoadedModel, _capacity
     from dzc.runtime.native_executor import NativeExecutor
@@ -276,7 +278,7 @@ def open_artifact_model(path: str | Path, max_context: Optional[int] = None, thr
         art = load_gpu_artifact(path)
         make = gpu_executor_factory(art)        # DeviceError here when this machine lacks the device
     else:
-        art = load_artifact(path)
+        art = load_artifact(path, verify=verify)
     cfg = ModelConfig.from_dict(art.config, source=str(path / MANIFEST))
     gen = path / "generation_config.json"
     if gen.is_file():

@@ -139,3 +139,25 @@ def test_compile_prints_and_dumps_like_dzc_ir(capsys, tmp_path, tiny_qlora_yarn)
         assert dumps[0] == "00-input.ir" and any(name.endswith("-absorb-mla.ir") for name in dumps)
     code, _, err = run_cli(capsys, "compile", tiny_qlora_yarn, "-o", tmp_path / "art2", "--print-after", "nope")
     assert_one_line_error(code, err, "'nope' is not a pass")
+
+
+def test_run_verify_full_catches_what_sampling_skips(capsys, tmp_path, tiny_bf16, monkeypatch):
+    import json
+
+    import dzc.runtime.artifact as A
+    art = tmp_path / "art"
+    assert run_cli(capsys, "compile", tiny_bf16, "-o", art)[0] == 0
+    monkeypatch.setattr(A, "FULL_HASH_LIMIT", 1024)            # every file counts as big
+    monkeypatch.setattr(A, "SAMPLE_COUNT", 2)
+    monkeypatch.setattr(A, "SAMPLE_CHUNK", 64)
+    man = json.loads((art / A.MANIFEST).read_text())
+    man["file_samples"] = {f: A.sample_sha256(art / f) for f in man["files"]}
+    (art / A.MANIFEST).write_text(json.dumps(man))
+    weights = art / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 + 1] ^= 1                              # between the two sampled chunks
+    weights.write_bytes(bytes(data))
+    args = ("run", art, "--prompt-ids", "1,2", "--max-tokens", "1", "--json")
+    assert run_cli(capsys, *args)[0] == 0                      # auto: the fingerprint does not see it
+    code, _, err = run_cli(capsys, *args, "--verify", "full")
+    assert_one_line_error(code, err, "weights.safetensors")
