@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Optional, TextIO
 
 _WIDTH = 28
 
 
 class ProgressBar:
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream: Optional[TextIO] = None) -> None:
+        self.stream = stream or sys.stderr     # looked up per bar: sys.stderr may have been replaced since import
+        self.tty = self.stream.isatty()
         self.start = time.perf_counter()
         self.stage = ""
 
