@@ -223,8 +223,9 @@ def act_rows(low: Lowerer, kc: KC, rows, K: int, offset: int, what: str) -> QRow
     """Scratch for `rows` int8-quantized input rows of length K, bound to kernel `kc`."""
     Kp = int8_dot.padded(K)
     rows = Poly.of(rows)
-    return QRows(kc.buf(low.scratch(kir.I8, rows * Kp, what)), kc.buf(low.scratch(F32, rows * (Kp // 32), what + "_d")),
-                 kc.buf(low.scratch(I32, rows * (Kp // 32), what + "_c")), Kp, offset)
+    G = Kp // int8_dot.QG
+    return QRows(kc.buf(low.scratch(kir.I8, rows * Kp, what)), kc.buf(low.scratch(F32, rows * G, what + "_d")),
+                 kc.buf(low.scratch(I32, rows * G, what + "_c")), Kp, offset)
 
 
 def round_rows(low: Lowerer, kc: KC, rows, K: int, row, what: str) -> View:

@@ -13,7 +13,7 @@ from typing import Optional
 
 from dzc.codegen.builder import KernelBuilder
 from dzc.codegen.kir import Buf, E, F32, I32, I64, Operand, bcast, cast, const, exp, load, maximum, minimum
-from dzc.codegen.kernels.int8_dot import TILE, FakeQuant, QRows, quantize_row, store_tile, tile_dot
+from dzc.codegen.kernels.int8_dot import TILE, FakeQuant, QRows, quantize_row, quantize_rows, store_tile, tile_dot
 from dzc.codegen.kernels.linear import dot_tile, gemm_block, grain_rows
 from dzc.codegen.kernels.weights import WeightAccess
 
@@ -221,7 +221,6 @@ def moe_int8(kb: KernelBuilder, V: int, offs: Buf, E_: int, rows: E, xrow, gate:
     """Prefill experts over row-tiled int8/int4 weights for `rows` sorted rows (row m's input is xrow(m) =
     (buffer, offset)): quantize the inputs, gate/up tiles -> h (rows padded to whole tiles in hbuf), quantize h,
     down tiles -> store(m, n0, f32x16, valid)."""
-    from dzc.codegen.kernels.int8_dot import quantize_rows
     Ip = gate.pk.tiles(I) * TILE
     quantize_rows(kb, V, rows, xrow, H, lambda m: (xq, m))
 
