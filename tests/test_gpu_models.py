@@ -23,7 +23,7 @@ from dzc.driver import open_model, trace_checkpoint
 from dzc.errors import DeviceError
 from dzc.runtime.interp_executor import InterpreterExecutor
 
-from tiny_models import executor_greedy, hf_greedy, hf_logits
+from tiny_models import assert_close as _close, executor_greedy, hf_greedy, hf_logits
 
 PROMPT = [0, 5, 17, 42, 99, 7, 250, 3, 11, 64, 200]
 MODELS = ["tiny_qlora_yarn", "tiny_fp8_sharded"]
@@ -62,11 +62,6 @@ class Built:
     def interp(self, ctx=64):
         return InterpreterExecutor(self.programs["prefill"], self.programs["decode"], self.store,
                                    self.config.vocab_size, ctx)
-
-
-def _close(a, b, tol):
-    scale = max(1.0, float(np.abs(b).max()))
-    assert np.abs(a - b).max() <= tol * scale, f"max diff {np.abs(a - b).max():.3g} (scale {scale:.3g})"
 
 
 # ---- OpenCL: executed -------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dzc.driver import trace_checkpoint
 from dzc.runtime.interp_executor import InterpreterExecutor
 from dzc.runtime.native_executor import NativeExecutor
 
-from tiny_models import executor_greedy, hf_greedy, hf_logits
+from tiny_models import assert_close as _close, executor_greedy, hf_greedy, hf_logits
 
 PROMPT = [0, 5, 17, 42, 99, 7, 250, 3, 11, 64, 200]
 
@@ -38,11 +38,6 @@ class Compiled:
     def interp(self, ctx=64):
         return InterpreterExecutor(self.programs["prefill"], self.programs["decode"], self.store,
                                    self.config.vocab_size, ctx)
-
-
-def _close(a, b, tol):
-    scale = max(1.0, float(np.abs(b).max()))
-    assert np.abs(a - b).max() <= tol * scale, f"max diff {np.abs(a - b).max():.3g} (scale {scale:.3g})"
 
 
 @pytest.fixture(scope="module", params=["tiny_qlora_yarn", "tiny_direct_q_plain_rope", "tiny_fp8_sharded",

@@ -464,6 +464,12 @@ STANDARD_SPECS: dict[str, TinySpec] = {
 }
 
 
+def assert_close(a: np.ndarray, b: np.ndarray, tol: float) -> None:
+    """max |a - b| <= tol * max(1, max |b|): logits compared relative to their scale."""
+    scale = max(1.0, float(np.abs(b).max()))
+    assert np.abs(a - b).max() <= tol * scale, f"max diff {np.abs(a - b).max():.3g} (scale {scale:.3g})"
+
+
 def executor_greedy(executor, prompt_ids: list[int], n: int) -> list[int]:
     """n greedy tokens from any ModelExecutor (prefill once, then one token per forward)."""
     executor.reset()
