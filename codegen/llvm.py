@@ -207,7 +207,7 @@ class LLVMRenderer:
             fn.start_block(end)
             self._purge()
         elif isinstance(s, Prefetch):
-            p = self._ptr(s.buf, s.index)
+            p = self._ptr(s.buf, s.index, inbounds=False)
             self.decls["llvm.prefetch.p0"] = "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"
             fn.emit(f"call void @llvm.prefetch.p0(ptr {p}, i32 0, i32 3, i32 1)")
         elif isinstance(s, Local):
@@ -354,7 +354,8 @@ class LLVMRenderer:
                         raise CompileError(f"kernel {k.name}: parallel loop reads {x.arg!r} from outside")
 
     # ---- stores and expressions ------------------------------------------------------------------------------
-    def _ptr(self, buf: Buf, index: E) -> str:
+    def _ptr(self, buf: Buf, index: E, inbounds: bool = True) -> str:
+        """Address of buf[index]; a prefetch may point past the buffer's end, so its GEP is not `inbounds`."""
         fn = self.fn
         if buf.local:
             base = fn.lookup(buf.name)[0]
@@ -365,7 +366,8 @@ class LLVMRenderer:
                     base = scope[buf.name][0]
         idx = self.val(index)
         p = fn.tmp("p")
-        fn.emit(f"{p} = getelementptr inbounds {ty(buf.dtype.scalar, mem=True)}, ptr {base}, i64 {idx}")
+        gep = "getelementptr inbounds" if inbounds else "getelementptr"
+        fn.emit(f"{p} = {gep} {ty(buf.dtype.scalar, mem=True)}, ptr {base}, i64 {idx}")
         return p
 
     def _store(self, s: Store) -> None:

@@ -45,7 +45,8 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
         s = kb.let(t // tiles, "s")
         j0 = kb.let((t % tiles) * NR, "j")
         e = kb.let(_expert(load(ib, io + s), gate.E), "e")
-        res = dot_tile(kb, V, [(xb, xo)], [(gate, e, j0 + r) for r in range(NR)] + [(up, e, j0 + r) for r in range(NR)], H)
+        res = dot_tile(kb, V, [(xb, xo)], [(gate, e, j0 + r) for r in range(NR)] + [(up, e, j0 + r) for r in range(NR)], H,
+                       ahead=NR)
         for r in range(NR):
             kb.store(hbuf, s * I + j0 + r, _silu_mul(res[0][r], res[0][NR + r]))
     if rounded is not None:
@@ -59,7 +60,7 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
             with kb.loop(0, k, name="s") as s:
                 e = kb.let(_expert(load(ib, io + s), gate.E), "e")
                 ws = kb.let(load(wb, wo + s), "ws")
-                res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n0 + r) for r in range(NR2)], I)
+                res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n0 + r) for r in range(NR2)], I, ahead=NR2)
                 for r in range(NR2):
                     kb.set(accs[r], accs[r].v + res[0][r] * ws)
             for r in range(NR2):
