@@ -15,7 +15,7 @@ runtimes evaluate with `eval_host` to size the grid; `Launch.group > 1` asks for
 iteration (cooperative reductions; see c_style.py). A launch may carry `alt`, a cooperative variant of itself
 that a runtime prefers on GPUs (OpenCL keeps both: on CPU devices one thread per iteration is faster).
 
-`legalize_lanes(kernel, max_lanes)` rewrites vectors wider than a target's widest native vector (OpenCL 16,
+`legalize_lanes(kernel, max_lanes)` rewrites vectors wider than a target's widest native vector (OpenCL 8,
 Metal 4) into chunks of at most that many lanes, so renderers only ever see native vector types.
 """
 from __future__ import annotations

@@ -28,10 +28,12 @@ from dzc.errors import CompileError
 from dzc.ir.program import Program
 
 GPU_TARGETS = ("opencl", "metal", "cuda")
-# f32 lanes per vector load in the lowered kernels. OpenCL: 16 (PoCL and CPU devices vectorise float16 well, and
-# the unrolled quantized dot products stay 4x smaller than at 4 lanes); Metal: 4, its widest native vector; CUDA:
-# 4 (NVPTX splits vectors into scalar registers; 4 keeps register tiles small). `options={"vector_width": n}`.
-DEFAULT_VECTOR = {"opencl": 16, "metal": 4, "cuda": 4}
+# f32 lanes per vector load in the lowered kernels. OpenCL: 8 (float16 would unroll less, but PoCL on x86 CPUs
+# without AVX-512 in its LLVM's view, e.g. Zen 4 compiled as znver3, mis-passes float16 to its builtins: wrong
+# results, or an abort in instruction selection; float8 is native to AVX2 and AVX-512 alike); Metal: 4, its widest
+# native vector; CUDA: 4 (NVPTX splits vectors into scalar registers; 4 keeps register tiles small).
+# `options={"vector_width": n}`.
+DEFAULT_VECTOR = {"opencl": 8, "metal": 4, "cuda": 4}
 CUDA_ARCHS = ("sm_80", "sm_90")
 _TRIPLES = {"opencl": "spir64-unknown-unknown", "metal": "air64-apple-macosx", "cuda": "nvptx64-nvidia-cuda"}
 

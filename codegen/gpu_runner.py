@@ -55,7 +55,7 @@ def check_targets(module: Module, checks: Sequence[str]) -> None:
 
 
 class OpenCLProgram:
-    def __init__(self, program: Program, store, coop: Optional[bool] = None, vector_width: int = 16,
+    def __init__(self, program: Program, store, coop: Optional[bool] = None, vector_width: Optional[int] = None,
                  checks: Sequence[str] = (), device: Optional[str] = None) -> None:
         from dzc.runtime.opencl_executor import _cl, pick_device
         self.program = program

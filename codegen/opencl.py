@@ -24,7 +24,7 @@ _SIGNED_OF_BITS = {8: "char", 16: "short", 32: "int", 64: "long"}
 
 class OpenCLRenderer(CStyleRenderer):
     target = "opencl"
-    max_lanes = 16
+    max_lanes = 8        # not 16: see DEFAULT_VECTOR in codegen/gpu_build.py (PoCL and float16 on AVX2 hosts)
     fp16 = False
     group_size = 64
     dual = True

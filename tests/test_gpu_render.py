@@ -36,7 +36,7 @@ def _pocl_cache(monkeypatch, tmp_path_factory):
 
 
 def run_opencl(kernel: kir.Kernel, arrays: dict, T: int = 1, P: int = 0, coop: bool = False,
-               max_lanes: int = 16) -> dict:
+               max_lanes: int = OpenCLRenderer.max_lanes) -> dict:
     """Render one kernel for OpenCL, run all its launches on `arrays` (by buffer name), return the arrays."""
     import pyopencl as cl
     from dzc.runtime.opencl_executor import pick_device
@@ -156,7 +156,7 @@ def _dot16_kernel() -> kir.Kernel:
     return kb.build()
 
 
-@pytest.mark.parametrize("max_lanes", [16, 4])
+@pytest.mark.parametrize("max_lanes", [8, 4])
 def test_vectors_and_legalisation(max_lanes):
     k = _dot16_kernel()
     leg = legalize_lanes(k, 4)
