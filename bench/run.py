@@ -7,7 +7,9 @@
 pp512: prompt processing, 512 new tokens on an empty cache (one prefill call). tg128: 128 tokens generated one
 at a time (128 decode calls) from an empty cache. t/s is the median over --reps runs (± half the min-max
 spread). `GB/tok` is the weight bytes one decode step reads (dense weights, the shared experts and top-k of the
-routed experts, lm_head); `roof t/s` = measured read bandwidth / GB/tok; `%roof` = tg t/s / roof t/s.
+routed experts, lm_head); `roof t/s` = measured read bandwidth / GB/tok; `%roof` = tg t/s / roof t/s. The
+bandwidth is measured right before and right after each row's runs and their mean is that row's roofline: on a
+shared VM it drifts by tens of percent within minutes, so one figure for the whole table would misstate rows.
 Artifacts are compiled into --work once and reused. Not a test: run it on a quiet machine.
 
 llama.cpp rows (`--llama-cpp DIR`, default --work/llama.cpp; `--llama-cpp ''` skips them): bench/llama_cpp_bench.py
@@ -180,7 +182,15 @@ def main() -> int:
     cfg = json.loads((a.bf16 / "config.json").read_text())
     vocab = cfg["vocab_size"]
     rows = []
-    bw = {t: read_bandwidth(a.bandwidth_mb, t) for t in a.threads}
+    seen_bw: list[float] = []
+
+    def bracketed(t: int, run):
+        """run() between two bandwidth measurements; (its result, their mean in GB/s)."""
+        before = read_bandwidth(a.bandwidth_mb, t)
+        r = run()
+        after = read_bandwidth(a.bandwidth_mb, t)
+        seen_bw.extend((before, after))
+        return r, (before + after) / 2
     for fmt in [f for f in a.formats.split(",") if f]:
         if fmt == "fp8":
             if a.fp8 is None:
@@ -190,8 +200,8 @@ def main() -> int:
             art = compile_if_missing(a.bf16, a.work / f"art-{fmt}", None if fmt == "bf16" else fmt, max(a.threads))
         per_tok, total = active_bytes(art)
         for t in a.threads:
-            r = bench_dzc(art, t, a.pp, a.tg, a.reps, vocab)
-            roof = bw[t] * 1e9 / per_tok
+            r, bw = bracketed(t, lambda: bench_dzc(art, t, a.pp, a.tg, a.reps, vocab))
+            roof = bw * 1e9 / per_tok
             rows.append((f"dsv3-synth {fmt}", total, "dzc-cpu", t, r, per_tok, roof))
             print(f"done dzc {fmt} threads={t}", file=sys.stderr, flush=True)
     for dt in [d for d in a.torch.split(",") if d]:
@@ -201,9 +211,11 @@ def main() -> int:
             rows.append((f"dsv3-synth {dt}", None, "torch-eager", t, r, None, None, nbytes))
             print(f"done torch {dt} threads={t}", file=sys.stderr, flush=True)
     lc_dir = a.work / "llama.cpp" if a.llama_cpp is None else (Path(a.llama_cpp) if a.llama_cpp else None)
-    lc_note = bench_llama_cpp(lc_dir, a, bw, rows) if lc_dir is not None else None
+    lc_note = bench_llama_cpp(lc_dir, a, bracketed, rows) if lc_dir is not None else None
     n_params = _params(cfg)
-    print("\nmachine read bandwidth: " + ", ".join(f"{bw[t]:.1f} GB/s ({t} threads)" for t in a.threads))
+    if seen_bw:
+        print(f"\nmachine read bandwidth: {min(seen_bw):.1f} to {max(seen_bw):.1f} GB/s over the run "
+              f"(each row's roofline: the mean of the measurements just before and after it)")
     print(f"model: {n_params / 1e9:.2f} B params, vocab {vocab}, {cfg['num_hidden_layers']} layers, "
           f"{cfg['n_routed_experts']} experts top-{cfg['num_experts_per_tok']}")
     if lc_note:
@@ -237,7 +249,7 @@ LLAMA_BACKEND = "llama.cpp-cpu"
 VS_LLAMA = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}     # dzc format -> llama.cpp type, same bits/weight
 
 
-def bench_llama_cpp(work: Path, a: argparse.Namespace, bw: dict, rows: list) -> str | None:
+def bench_llama_cpp(work: Path, a: argparse.Namespace, bracketed, rows: list) -> str | None:
     """Append llama.cpp rows (BF16, Q8_0, Q4_K_M) to rows; returns a note for the header. A failing step prints
     one line and adds nothing more."""
     import llama_cpp_bench as llama_cpp
@@ -248,10 +260,10 @@ def bench_llama_cpp(work: Path, a: argparse.Namespace, bw: dict, rows: list) -> 
         for q, path in ggufs.items():
             info = llama_cpp.gguf_info(path, src)
             for t in a.threads:
-                r = llama_cpp.llama_bench(binp, path, t, a.pp, a.tg, a.reps)
+                r, bw = bracketed(t, lambda: llama_cpp.llama_bench(binp, path, t, a.pp, a.tg, a.reps))
                 build = build or r.get("build", "")
                 rows.append((f"dsv3-synth {q}", info["total_bytes"], LLAMA_BACKEND, t, r, info["per_tok_bytes"],
-                             bw[t] * 1e9 / info["per_tok_bytes"]))
+                             bw * 1e9 / info["per_tok_bytes"]))
                 print(f"done llama.cpp {q} threads={t}", file=sys.stderr, flush=True)
         return (f"llama.cpp: {src.parent.parent.name} sdist, build {build}, GGUF arch {info['arch']}, "
                 f"{info['expert_count']} experts top-{info['expert_used_count']} (llama-bench)")
