@@ -250,8 +250,8 @@ def test_mla_attention_over_cache(n, past):
 
 
 # ---- mixture of experts ------------------------------------------------------------------------------------------------------
-def _moe_program(store: Store, fmt: WeightFormat, n_tokens, lowered: bool):
-    E, H, I, k = 6, 40, 24, 3
+def _moe_program(store: Store, fmt: WeightFormat, n_tokens, lowered: bool, H: int = 40):
+    E, I, k = 6, 24, 3
     experts = []
     for e in range(E):
         trio = []
@@ -279,3 +279,11 @@ def test_moe(fmt, vnni, n, lowered):
     idx = np.stack([RNG.choice(6, 3, replace=False) for _ in range(n)]).astype(np.int32)
     check(prog, store, {"x": f32(n, 40), "idx": idx, "w": np.abs(f32(n, 3))},
           target=None if vnni else without_int8_dot())
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "fp8"])
+def test_moe_decode_row_blocks(fmt):
+    """H = 140: decode's down projection runs two blocks of 64 rows, one leftover tile and 4 single rows."""
+    store = Store()
+    prog = _moe_program(store, FORMATS[fmt], 1, True, H=140)
+    check(prog, store, {"x": f32(1, 140), "idx": np.array([[4, 0, 2]], np.int32), "w": np.abs(f32(1, 3))})

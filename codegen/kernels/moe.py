@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from dzc.codegen.builder import KernelBuilder
-from dzc.codegen.kir import Buf, E, F32, I32, I64, Operand, bcast, cast, const, exp, load, maximum, minimum
+from dzc.codegen.kir import Buf, E, F32, I32, I64, Operand, bcast, cast, const, exp, load, maximum, minimum, where
 from dzc.codegen.kernels.int8_dot import TILE, FakeQuant, QRows, quantize_row, quantize_rows, store_tile, tile_dot
 from dzc.codegen.kernels.linear import dot_tile, gemm_block, grain_rows
 from dzc.codegen.kernels.weights import WeightAccess
@@ -52,9 +52,23 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
     if rounded is not None:
         for s in range(k):
             quantize_row(kb, V, hbuf, s * I, I, FakeQuant(hbuf, const(s * I, I64)))
-    tiles2 = H // NR2
-    if tiles2:
-        with kb.loop(0, tiles2, parallel=True, grain=grain_rows(NR2 * k, I, down.pk.bytes_per_weight), name="t") as t:
+    # Down rows in blocks of RB: per slot a block reads RB contiguous rows of that expert (one long stream; tiles
+    # that loop over the slots inside would interleave k short ones), adding into y in slot order (bit-identical).
+    RB = NR2 * 8
+    blocks, tiles2 = H // RB, H // NR2
+    if blocks:
+        with kb.loop(0, blocks, parallel=True, name="b") as b:
+            with kb.loop(0, k, name="s") as s:
+                e = kb.let(_expert(load(ib, io + s), gate.E), "e")
+                ws = kb.let(load(wb, wo + s), "ws")
+                with kb.loop(0, RB // NR2, name="t") as t:
+                    n0 = kb.let(b * RB + t * NR2, "n")
+                    res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n0 + r) for r in range(NR2)], I, ahead=NR2)
+                    for r in range(NR2):
+                        y = kb.let(res[0][r] * ws, "y")
+                        kb.store(ob, oo + n0 + r, where(s.eq(0), y, load(ob, oo + n0 + r) + y))
+    if tiles2 > blocks * (RB // NR2):
+        with kb.loop(blocks * (RB // NR2), tiles2, parallel=True, name="t") as t:
             n0 = kb.let(t * NR2, "n")
             accs = [kb.reg(const(0.0, F32), "y") for _ in range(NR2)]
             with kb.loop(0, k, name="s") as s:
