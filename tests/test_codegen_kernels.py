@@ -281,9 +281,10 @@ def test_moe(fmt, vnni, n, lowered):
           target=None if vnni else without_int8_dot())
 
 
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "fp8", "int8-a8", "int4-a8"])
 def test_moe_decode_row_blocks(fmt):
-    """H = 140: decode's down projection runs two blocks of 64 rows, one leftover tile and 4 single rows."""
+    """H = 140: decode's down projection runs two blocks of 64 rows and the rest (float: one tile of 8 and 4 single
+    rows; row-tiled int8/int4: 2 blocks of 4 tiles and a ragged tile of 12 rows)."""
     store = Store()
     prog = _moe_program(store, FORMATS[fmt], 1, True, H=140)
     check(prog, store, {"x": f32(1, 140), "idx": np.array([[4, 0, 2]], np.int32), "w": np.abs(f32(1, 3))})

@@ -199,9 +199,20 @@ def moe_decode_int8(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf,
             kb.set(acc, acc.v + res[0][0] * bcast(load(wb, wo + s), TILE))
         return acc.v
 
-    full = H // TILE
-    if full:
-        with kb.loop(0, full, parallel=True, grain=max(1, (1 << 15) // (TILE * k * I)), name="t") as t:
+    # Blocks of 4 tiles, slots outside the tiles: each slot's expert rows stream contiguously (as in moe_decode).
+    full, BT = H // TILE, 4
+    blocks = full // BT
+    if blocks:
+        with kb.loop(0, blocks, parallel=True, name="b") as b:
+            with kb.loop(0, k, name="s") as s:
+                e = kb.let(_expert(load(ib, io + s), gate.E), "e")
+                ws = kb.let(bcast(load(wb, wo + s), TILE), "ws")
+                with kb.loop(0, BT, name="t") as j:
+                    t = kb.let(b * BT + j, "t")
+                    y = kb.let(tile_dot(kb, [(hq, s)], [(down, e, t)], I)[0][0] * ws, "y")
+                    kb.store(ob, oo + t * TILE, where(s.eq(0), y, load(ob, oo + t * TILE, TILE) + y))
+    if full > blocks * BT:
+        with kb.loop(blocks * BT, full, parallel=True, name="t") as t:
             kb.store(ob, oo + t * TILE, down_tile(t))
     if H % TILE:
         store_tile(kb, full * TILE, down_tile(full), H % TILE, lambda n, v: kb.store(ob, oo + n, v))
