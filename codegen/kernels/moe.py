@@ -2,8 +2,9 @@
 
 Expert weights are stacked per projection ([E, N, K], one tensor per part), so a kernel indexes experts by id.
 Decode (one token): k indexed GEMVs over only the selected experts; gate and up rows are computed in the same
-pass (one tile holds both), the SwiGLU is applied in registers, then the down projection sums the k slots per
-output row (threads split output rows, so no atomics). Prefill (T tokens): a routing kernel counts and sorts the
+pass (one tile holds both), the SwiGLU is applied in registers, then the down projection adds the k slots into y
+in slot order (threads split blocks of output rows, so no atomics; within a block the slot loop is outermost, so
+each selected expert's rows stream contiguously). Prefill (T tokens): a routing kernel counts and sorts the
 (token, slot) pairs by expert; then, per expert, the tiled GEMM micro-kernel runs over that expert's gathered
 rows (gate+up fused, then down with the routing weight, accumulated per output column block by one thread).
 """
