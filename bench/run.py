@@ -29,6 +29,7 @@ If a llama.cpp step fails, one line says which (and names its log) and the table
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 import gc
 import json
 import statistics
@@ -184,7 +185,7 @@ def main() -> int:
     rows = []
     seen_bw: list[float] = []
 
-    def bracketed(t: int, run):
+    def bracketed(t: int, run: Callable[[], dict]) -> tuple[dict, float]:
         """run() between two bandwidth measurements; (its result, their mean in GB/s)."""
         before = read_bandwidth(a.bandwidth_mb, t)
         r = run()
@@ -249,7 +250,7 @@ LLAMA_BACKEND = "llama.cpp-cpu"
 VS_LLAMA = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}     # dzc format -> llama.cpp type, same bits/weight
 
 
-def bench_llama_cpp(work: Path, a: argparse.Namespace, bracketed, rows: list) -> str | None:
+def bench_llama_cpp(work: Path, a: argparse.Namespace, bracketed: Callable, rows: list) -> str | None:
     """Append llama.cpp rows (BF16, Q8_0, Q4_K_M) to rows; returns a note for the header. A failing step prints
     one line and adds nothing more."""
     import llama_cpp_bench as llama_cpp
