@@ -29,13 +29,13 @@ If a llama.cpp step fails, one line says which (and names its log) and the table
 from __future__ import annotations
 
 import argparse
-from typing import Callable
 import gc
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
