@@ -361,7 +361,7 @@ class Local:
 
 @dataclass
 class Prefetch:
-    """A hint that `buf[index]` will be read soon (CPU targets; renderers may ignore it)."""
+    """A hint that `buf[index]` will be read soon, into L2 (CPU targets; renderers may ignore it)."""
 
     buf: Buf
     index: E

@@ -102,9 +102,10 @@ def _group(kb: KernelBuilder, V: int, amax: E, vs: Sequence[E], g: Operand, out,
 
 
 def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequence[tuple[WeightAccess, Operand, Operand]],
-             K: int) -> list[list[E]]:
+             K: int, ahead: int = 0) -> list[list[E]]:
     """[m][t] f32x16: input row xs[m] (QRows, row) against the 16 weight rows of tile ws[t] = (weight, expert,
-    tile index). Read the results before emitting anything that reassigns the accumulators."""
+    tile index). Read the results before emitting anything that reassigns the accumulators. GEMV callers pass
+    `ahead`, the distance in tiles to the ones they stream next, to prefetch those (into L2, as linear._prefetch)."""
     wa0 = ws[0][0]
     pk = wa0.pk
     Kp = pk.scale_cols(K) * pk.group
@@ -130,6 +131,10 @@ def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequenc
                     prev = isum[m][t] if isum[m][t] is not None else const(0, I32.vec(TILE))
                     isum[m][t] = dot4(prev, w, xq)
 
+        per_b = QG * TILE // (1 if pk.kind == "i8" else 2)          # bytes of one tile per 32 input elements
+        for t in range(len(ws) if ahead else 0):
+            for i in range(per_b // 64):
+                kb.prefetch(ws[t][0].data, bases[t] + ahead * tile_bytes + b * per_b + i * 64)
         if pk.kind == "i8":
             for j in range(8):
                 feed([kb.let(load(wa.data, bases[t] + (b * 8 + j) * 64, 64), "w") for t, (wa, _, _) in enumerate(ws)], j)
@@ -169,7 +174,7 @@ def gemv(kb: KernelBuilder, x: tuple[QRows, Operand], wa: WeightAccess, N: int, 
     if groups:
         grain = max(1, (1 << 16) // (NT * TILE * K))
         with kb.loop(0, groups, parallel=True, grain=grain, name="t") as t:
-            res = tile_dot(kb, [x], [(wa, e, t * NT + j) for j in range(NT)], K)
+            res = tile_dot(kb, [x], [(wa, e, t * NT + j) for j in range(NT)], K, ahead=NT)
             for j in range(NT):
                 store((t * NT + j) * TILE, res[0][j])
     for t in range(groups * NT, wa.pk.tiles(N)):

@@ -187,7 +187,7 @@ def moe_decode_int8(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf,
         s = kb.let(t // ti, "s")
         j = kb.let(t % ti, "j")
         e = kb.let(_expert(load(ib, io + s), gate.E), "e")
-        res = tile_dot(kb, [(xq, 0)], [(gate, e, j), (up, e, j)], H)
+        res = tile_dot(kb, [(xq, 0)], [(gate, e, j), (up, e, j)], H, ahead=1)
         kb.store(hbuf, s * Ip + j * TILE, _silu_mul(res[0][0], res[0][1]))
     for s in range(k):
         quantize_row(kb, V, hbuf, s * Ip, I, hq, s)
@@ -210,7 +210,7 @@ def moe_decode_int8(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf,
                 ws = kb.let(bcast(load(wb, wo + s), TILE), "ws")
                 with kb.loop(0, BT, name="t") as j:
                     t = kb.let(b * BT + j, "t")
-                    y = kb.let(tile_dot(kb, [(hq, s)], [(down, e, t)], I)[0][0] * ws, "y")
+                    y = kb.let(tile_dot(kb, [(hq, s)], [(down, e, t)], I, ahead=1)[0][0] * ws, "y")
                     kb.store(ob, oo + t * TILE, where(s.eq(0), y, load(ob, oo + t * TILE, TILE) + y))
     if full > blocks * BT:
         with kb.loop(blocks * BT, full, parallel=True, name="t") as t:
