@@ -153,6 +153,7 @@ class Lowerer:
         N, K = rows_cols(tuple(d.value() for d in w.shape)) if w.shape else (1, 1)
         scale = kc.buf(w.slots["scale"]) if "scale" in w.slots else None
         wa = WeightAccess(w.packed, kc.buf(w.slots["data"]), scale, N, K)
+        wa.fp8_bits = w.packed.kind == "fp8" and self.target.denormals_fast
         info = w.slots["data"].info
         if "stack" in info:
             wa.E = int(info["shape"][0])

@@ -144,12 +144,45 @@ def test_take_topk_ties():
 
 # ---- linear (every format, GEMV and GEMM) and matmul ---------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("n,K,N", [(1, 45, 1), (1, 301, 37), (7, 200, 13), (7, 37, 130), (19, 600, 45)])
+@pytest.mark.parametrize("n,K,N", [(1, 45, 1), (1, 61, 19), (1, 301, 37), (7, 200, 13), (7, 37, 130), (19, 600, 45)])
 def test_linear(fmt, n, K, N):
     store = Store()
     f = store.add("w", f32(N, K) * 0.2, FORMATS[fmt])
     x = input_("x", DType.F32, (T, K) if n > 1 else (1, K))
     check(program("p", [x], {"y": linear(x, weight("w", f, (N, K)))}), store, {"x": f32(n, K)})
+
+
+def e4m3_values() -> np.ndarray:
+    """All 254 finite e4m3 values (codes 0..255 without the two NaNs), subnormals included."""
+    out = []
+    for c in range(256):
+        if c & 0x7F == 0x7F:
+            continue
+        e, m = (c >> 3) & 15, c & 7
+        v = 2.0 ** (e - 7) * (1 + m / 8) if e else 2.0 ** -6 * m / 8
+        out.append(-v if c & 0x80 else v)
+    return np.array(out, np.float32)
+
+
+@pytest.mark.parametrize("subnormals_fast", [True, False])
+def test_fp8_gemv_every_code(subnormals_fast):
+    """Every e4m3 code (block amax 448: scale 1, codes exact) in a GEMV with x = +-1/|value|, so each code adds +-1
+    and a wrong decode of any one, subnormals included, moves y by at least 1/2. Both routes: integer decode to f32
+    subnormals (Target.denormals_fast) and the f16 one."""
+    vals = np.concatenate([e4m3_values(), np.zeros(2, np.float32)])
+    N, K = 19, vals.size
+    w = np.stack([vals * (-1.0) ** r for r in range(N)]).astype(np.float32)
+    x = np.where(vals != 0, RNG.choice([-1.0, 1.0], K) / np.where(vals != 0, np.abs(vals), 1), 0).astype(np.float32)
+    store = Store()
+    f = store.add("w", w, FORMATS["fp8"])
+    host = host_target()
+    target = host if host.denormals_fast == subnormals_fast else dataclasses.replace(
+        host, cpu="znver4" if subnormals_fast else "sapphirerapids")
+    assert target.denormals_fast == subnormals_fast
+    xin = input_("x", DType.F32, (1, K))
+    got = check(program("p", [xin], {"y": linear(xin, weight("w", f, (N, K)))}), store, {"x": x[None]},
+                target=target)
+    np.testing.assert_allclose(got["y"][0], (w @ x.astype(np.float64)).astype(np.float32), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("fmt", ["int8-a8", "int4-a8"])

@@ -1,7 +1,8 @@
 """Reading weights in their compiled layout (codegen/layout.py) inside kernels: scalar and vector decodes.
 
 Vector decodes never materialise a dequantised copy: bf16 widens by zext+shl16, fp8 e4m3 codes become the f16 with
-the same exponent/mantissa bits (an exact value/256; the 256 is folded into the block scale), int8 sign-extends,
+the same exponent/mantissa bits (an exact value/256; the 256 is folded into the block scale) or, in GEMVs on targets
+with fast subnormals, an f32 by integer ops alone (value * 2^-120, exact), int8 sign-extends,
 int4 splits nibbles (low = first 16 of a 32-group, high = last 16). Scales multiply once per group.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ class WeightAccess:
         self.srows = pk.scale_rows(N)
         self.group = pk.group
         self.E = 1              # experts stacked in the buffers (set by the lowering for MoE weights)
+        self.fp8_bits = False   # fp8 only: the target multiplies subnormals at full speed, GEMVs may use fp8_bits_vec
 
     def _row(self, e: Operand, n: Operand) -> E:
         return (e * self.N + n) * self.row_len if not (isinstance(e, int) and e == 0) else n * self.row_len
@@ -55,6 +57,10 @@ class WeightAccess:
         if kind == "i4":
             raise AssertionError("use raw_vec_i4")
         raise AssertionError(kind)
+
+    def fp8_bits_vec(self, e: Operand, n: Operand, k: Operand, lanes: int) -> E:
+        """fp8 only: `lanes` codes from k as f32 equal to raw_vec's value/256 times 2^-112 (see _fp8_bits)."""
+        return _fp8_bits(load(self.data, self._row(e, n) + k, lanes))
 
     def raw_vec_i4(self, e: Operand, n: Operand, g: Operand, j: int, half: int, lanes: int) -> E:
         """int4: elements g*group + sub*32 + half*16 + (j..j+lanes) where j counts within the 32-subgroup half."""
@@ -103,6 +109,15 @@ def _fp8_to_f32(codes: E) -> E:
     lanes = codes.dtype.count
     h = (cast(codes, I16.vec(lanes)) << const(7, I16)) & const(-16385, I16)
     return cast(bitcast(h, F16.vec(lanes)), F32.vec(lanes))
+
+
+def _fp8_bits(codes: E) -> E:
+    """e4m3 codes -> f32 value * 2^-120 in three integer ops (the f16 route also needs a conversion): sign-extend to
+    i32, << 20 puts exponent and mantissa at the bottom of f32's exponent and top of its mantissa with copies of the
+    sign above them, the mask keeps only the sign at bit 31. Exact; subnormal codes become f32 subnormals."""
+    lanes = codes.dtype.count
+    b = cast(codes, I32.vec(lanes)) << const(20, I32)
+    return bitcast(b & const(0x87F00000 - (1 << 32), I32), F32.vec(lanes))
 
 
 def vec_at(wa: WeightAccess, e: Operand, n: Operand, k0: int, lanes: int) -> E:
