@@ -88,9 +88,9 @@ def bench_dzc(art: Path, threads: int, pp: int, tg: int, reps: int, vocab: int) 
     rng = np.random.default_rng(0)
     prompt = rng.integers(2, vocab, pp)
 
-    def run_pp():
+    def run_pp():            # logits of the last token only, as llama-bench's pp (and generation) computes them
         ex.reset()
-        ex.forward(prompt)
+        ex.forward(prompt, last_only=True)
 
     def run_tg():
         ex.reset()
@@ -144,8 +144,8 @@ def bench_torch(ckpt: Path, dtype: str, threads: int, pp: int, tg: int, reps: in
     prompt = torch.tensor(rng.integers(2, vocab, pp))[None]
 
     @torch.no_grad()
-    def run_pp():
-        model(input_ids=prompt, use_cache=False)
+    def run_pp():            # last token's logits only, like dzc's and llama.cpp's pp
+        model(input_ids=prompt, use_cache=False, logits_to_keep=1)
 
     @torch.no_grad()
     def run_tg():

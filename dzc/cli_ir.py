@@ -21,7 +21,7 @@ from dzc.ir.printer import format_program, node_names
 from dzc.ir.program import Program
 from dzc.ir.shapes import format_shape
 
-PHASES = ("decode", "prefill")
+PHASES = ("decode", "prefill", "prefill_last")
 
 
 def add_ir_parser(subparsers) -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 from dzc.checkpoint.config import ModelConfig
 from dzc.checkpoint.loader import Checkpoint
@@ -60,9 +60,10 @@ def checkpoint_weights(checkpoint: Checkpoint) -> tuple[WeightStore, Callable[[s
     return store, format_of
 
 
-def trace_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, Program], WeightStore]:
+def trace_checkpoint(checkpoint: Checkpoint, phases: Sequence[str] = deepseek_v3.PHASES
+                     ) -> tuple[dict[str, Program], WeightStore]:
     store, format_of = checkpoint_weights(checkpoint)
-    programs = {phase: deepseek_v3.trace(checkpoint.config, format_of, phase) for phase in deepseek_v3.PHASES}
+    programs = {phase: deepseek_v3.trace(checkpoint.config, format_of, phase) for phase in phases}
     return programs, store
 
 
@@ -125,7 +126,7 @@ def open_model(path: str | Path, target: Optional[str] = None, max_context: Opti
                          f"compile it first: dzc compile {path} --target {target} -o OUT, then dzc run OUT")
     checkpoint = Checkpoint.open(path)
     checkpoint.validate()
-    traced, store = trace_checkpoint(checkpoint)
+    traced, store = trace_checkpoint(checkpoint, ("prefill", "decode"))   # the interpreter slices logits itself
     cfg = checkpoint.config
     programs = run_passes(traced, store, cfg, "interp")
     capacity = _capacity(cfg, max_context)

@@ -34,7 +34,7 @@ from dzc.passes.memory_plan import MemoryPlanPass
 from dzc.passes.quantize import Quantize
 from dzc.passes.simplify import Simplify, SimplifyLate
 
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "prefill_last", "decode")
 TARGETS = ("interp", "cpu", "opencl", "metal", "cuda")
 NATIVE = tuple(t for t in TARGETS if t != "interp")
 
@@ -81,7 +81,7 @@ def build_pipeline(target: str = "interp", phase: str = "decode", quant: Optiona
     if target not in TARGETS:
         raise InputError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     if phase not in PHASES:
-        raise InputError(f"unknown phase '{phase}'; choose prefill or decode")
+        raise InputError(f"unknown phase '{phase}'; choose one of {', '.join(PHASES)}")
     return [s.pass_ for s in PIPELINE if s.applies(target, phase, quant)]
 
 

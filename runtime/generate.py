@@ -139,7 +139,7 @@ def _run(
 
     executor.reset()
     start = now()
-    logits = forward(prompt)[-1]
+    logits = forward(prompt, last_only=True)[0]
     token = sample(logits, generated)
     prefill_seconds = now() - start
     decode_seconds = 0.0

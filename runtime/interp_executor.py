@@ -54,7 +54,7 @@ class InterpreterExecutor:
     def reset(self) -> None:
         self.cache.length = 0
 
-    def forward(self, token_ids: np.ndarray) -> np.ndarray:
+    def forward(self, token_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
         n, start = len(ids), self.cache.length
         if start + n > self.max_context:
@@ -63,4 +63,4 @@ class InterpreterExecutor:
         inputs = {"tokens": ids, "positions": np.arange(start, start + n, dtype=np.int32), **self.cache.views()}
         out = self.interpreter.run(program, inputs)
         self.cache.append(out, n)
-        return out["logits"]
+        return out["logits"][-1:] if last_only else out["logits"]

@@ -75,9 +75,9 @@ class _SlowExecutor:
     def position(self) -> int:
         return self.inner.position
 
-    def forward(self, token_ids):
+    def forward(self, token_ids, last_only=False):
         time.sleep(self.delay_s)
-        return self.inner.forward(token_ids)
+        return self.inner.forward(token_ids, last_only)
 
     def reset(self) -> None:
         self.inner.reset()

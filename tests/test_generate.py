@@ -33,12 +33,13 @@ class FakeExecutor:
     def position(self) -> int:
         return self._position
 
-    def forward(self, token_ids: np.ndarray) -> np.ndarray:
+    def forward(self, token_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         assert token_ids.dtype == np.int32 and token_ids.ndim == 1
         assert self._position + token_ids.size <= self.max_context, "ran past the context"
         self._position += token_ids.size
         self.calls.append(token_ids.tolist())
-        return self._logits(token_ids)
+        logits = self._logits(token_ids)
+        return logits[-1:] if last_only else logits
 
     def _logits(self, token_ids: np.ndarray) -> np.ndarray:
         return self.table[token_ids]

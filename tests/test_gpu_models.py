@@ -79,7 +79,7 @@ def opencl(request, tmp_path_factory):
 def test_opencl_artifact_records_its_target(opencl):
     m = json.loads((opencl.dir / "manifest.json").read_text())
     assert m["target"]["name"] == "opencl" and m["target"]["device_code"] == ["kernels.cl"]
-    assert set(m["schedule"]) == {"prefill", "decode"}
+    assert set(m["schedule"]) == {"prefill", "prefill_last", "decode"}
     assert all(k in m["launches"] for calls in m["schedule"].values() for k, _ in calls)
 
 
@@ -89,6 +89,14 @@ def test_opencl_logits_match_interpreter_and_hf(opencl):
     got = ex.forward(np.array(PROMPT))
     _close(got, opencl.interp().forward(np.array(PROMPT)), 1e-4)
     _close(got, hf_logits(opencl.ckpt, PROMPT), 1e-3)
+
+
+def test_opencl_last_only_prefill(opencl):
+    ex = opencl.executor
+    ex.reset()
+    full = ex.forward(np.array(PROMPT))
+    ex.reset()
+    _close(ex.forward(np.array(PROMPT), last_only=True), full[-1:], 1e-5)
 
 
 def test_opencl_greedy_tokens_match_hf(opencl):

@@ -70,11 +70,24 @@ def test_cache_decode_equals_recompute(compiled):
     _close(ex.forward(np.array(PROMPT)), full, 1e-5)
 
 
+def test_last_only_prefill(compiled):
+    """forward(last_only=True) runs prefill_last (lm_head on the last row only): the last row of the full logits,
+    and the cache it leaves decodes the same next token."""
+    full = compiled.native().forward(np.array(PROMPT))
+    ex = compiled.native()
+    last = ex.forward(np.array(PROMPT), last_only=True)
+    assert last.shape == (1, full.shape[1]) and "prefill_last" in ex.programs
+    _close(last, full[-1:], 1e-5)
+    nxt = int(last[0].argmax())
+    _close(ex.forward(np.array([nxt])), compiled.native().forward(np.array(PROMPT + [nxt]))[-1:], 1e-4)
+
+
 def test_chunked_prefill_and_threads(tiny_qlora_yarn, tmp_path):
     c = Compiled(tiny_qlora_yarn, tmp_path / "a", prefill_chunk=4)
     want = c.interp().forward(np.array(PROMPT))
     for threads in (1, 2):
         _close(c.native(threads=threads).forward(np.array(PROMPT)), want, 1e-4)
+        _close(c.native(threads=threads).forward(np.array(PROMPT), last_only=True), want[-1:], 1e-4)
 
 
 def test_traced_program_without_passes(tiny_qlora_yarn, tmp_path):

@@ -130,7 +130,7 @@ class _Builder:
         return routed + self.mlp(x, f"{pre}.shared_experts", inter * cfg.n_shared_experts)
 
     # ---- the whole model
-    def program(self, name: str, n: Dim) -> Program:
+    def program(self, name: str, n: Dim, last_only: bool = False) -> Program:
         cfg = self.cfg
         tokens = input_("tokens", DType.I32, (n,))
         positions = input_("positions", DType.I32, (n,))
@@ -152,15 +152,19 @@ class _Builder:
             ffn = self.moe(x, i, n) if cfg.is_moe_layer(i) else self.mlp(x, f"model.layers.{i}.mlp", cfg.intermediate_size)
             h = h + ffn
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        if last_only:
+            h = h.slice(0, n - 1, n)
         logits = linear(self.rmsnorm(h, "model.norm.weight"), self.w(head, cfg.vocab_size, cfg.hidden_size))
         return Program(name, tuple(t.node for t in inputs), (("logits", logits.node), *outputs))
 
 
-PHASES = ("prefill", "decode")
+# prefill: logits for each of T new tokens (perplexity, parity checks); prefill_last: for the last one only, which
+# is all generation needs (the lm_head over a 512-token prompt is 14% of prefill); decode: exactly one new token.
+PHASES = ("prefill", "prefill_last", "decode")
 
 
 def trace(config: ModelConfig, format_of: FormatOf, phase: str) -> Program:
-    """The prefill program (any number T of new tokens) or the decode program (exactly one new token)."""
+    """The program of one phase (PHASES)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}")
-    return _Builder(config, format_of).program(phase, T if phase == "prefill" else 1)
+    return _Builder(config, format_of).program(phase, 1 if phase == "decode" else T, last_only=phase == "prefill_last")
