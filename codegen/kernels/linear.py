@@ -192,6 +192,9 @@ def _tile(kb, V, MR, NR, mlo, mhi, n0, xrow, wrow, K, store) -> None:
                 store(m0 + i, n0 + r, res[i][r * per:(r + 1) * per])
 
 
+XW_AHEAD = 16       # rows of lookahead in xw_row's passes (8 and 16 both streamed ~1.2x faster than none)
+
+
 def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: Operand, Kd: int, N: int,
            store: Callable[[int, E], None], chunk: int = 8) -> None:
     """y[n] = sum_k a(k) * W[e, k, n] (x @ W, W's rows are k): columns in register chunks of `chunk` vectors, one
@@ -214,6 +217,9 @@ def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: 
         group = starts[i:i + per]
         accs = [kb.reg(const(0.0, F32.vec(V)), "acc") for _ in group]
         with kb.loop(0, Kd, name="k") as k:
+            if wa.pk.kind != "i4":      # this pass's columns XW_AHEAD rows on (absorbed MLA in decode: 1.2x)
+                for j in range(group[0], group[-1] + V, max(1, 64 // wa.pk.data_dt.itemsize)):
+                    kb.prefetch(wa.data, wa._row(e, k + XW_AHEAD) + j)
             av = kb.let(bcast(a(k), V), "a")
             for r, c0 in zip(accs, group):
                 kb.set(r, fma(av, vec_at(wa, e, k, c0, V), r.v))
