@@ -201,7 +201,7 @@ def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: 
     pass over k per chunk (each pass reads a contiguous piece of every row: make it long, DRAM streams short
     strided pieces at a fraction of its speed), scalar columns at the tail. `store(n, value)` gets a V-lane
     vector for columns n..n+V-1, or a scalar."""
-    from dzc.codegen.kernels.weights import vec_at
+    from dzc.codegen.kernels.weights import raw_at
     G = wa.group or N
     starts = []
     c = 0
@@ -220,9 +220,13 @@ def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: 
             if wa.pk.kind != "i4":      # this pass's columns XW_AHEAD rows on (absorbed MLA in decode: 1.2x)
                 for j in range(group[0], group[-1] + V, max(1, 64 // wa.pk.data_dt.itemsize)):
                     kb.prefetch(wa.data, wa._row(e, k + XW_AHEAD) + j)
-            av = kb.let(bcast(a(k), V), "a")
+            ak = kb.let(a(k), "a")
+            scaled: dict[int, E] = {}      # per scale group: a(k) * scale, so no vector multiply per weight vector
             for r, c0 in zip(accs, group):
-                kb.set(r, fma(av, vec_at(wa, e, k, c0, V), r.v))
+                g = c0 // G
+                if g not in scaled:
+                    scaled[g] = kb.let(bcast(ak * wa.scale(e, k, g) if wa.group else ak, V), "as")
+                kb.set(r, fma(scaled[g], raw_at(wa, e, k, c0, V), r.v))
         for r, c0 in zip(accs, group):
             store(c0, r.v)
     for n in range(vec_end, N):

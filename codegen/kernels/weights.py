@@ -120,13 +120,10 @@ def _fp8_bits(codes: E) -> E:
     return bitcast(b & const(0x87F00000 - (1 << 32), I32), F32.vec(lanes))
 
 
-def vec_at(wa: WeightAccess, e: Operand, n: Operand, k0: int, lanes: int) -> E:
-    """Scaled values W[e, n, k0:k0+lanes] for a static k0 whose chunk lies inside one scale group."""
+def raw_at(wa: WeightAccess, e: Operand, n: Operand, k0: int, lanes: int) -> E:
+    """Unscaled values W[e, n, k0:k0+lanes] for a static k0 whose chunk lies inside one scale group (times
+    wa.scale(e, n, k0 // wa.group) where the format has groups)."""
     if wa.pk.kind == "i4":
         g, off = k0 // wa.group, k0 % wa.group
-        raw = wa.raw_vec_i4(e, n, g, (off // 32) * 16 + off % 16, (off % 32) // 16, lanes)
-    else:
-        raw = wa.raw_vec(e, n, k0, lanes)
-    if not wa.group:
-        return raw
-    return raw * wa.scale(e, n, k0 // wa.group)
+        return wa.raw_vec_i4(e, n, g, (off // 32) * 16 + off % 16, (off % 32) // 16, lanes)
+    return wa.raw_vec(e, n, k0, lanes)
