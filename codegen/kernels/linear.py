@@ -67,7 +67,7 @@ def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: S
     G = wa0.group
     # fp8 GEMV rows decoded by integer ops are value * 2^-120 (weights.py): x * 2^56 keeps the products normal and
     # the sums * 2^56 undo both (powers of two: results equal the f16 route's)
-    tiny = bool(G) and MR == 1 and all(wa.fp8_bits for wa, _, _ in wrows)
+    fp8_bits = bool(G) and MR == 1 and all(wa.fp8_bits for wa, _, _ in wrows)
     if not G:
         Kv = K // V * V
         if Kv:
@@ -90,10 +90,10 @@ def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: S
                 gacc = [kb.reg(zero, "g") for _ in range(NR)]
             for c in range(count):
                 k = gi * G + c * V
-                x = [kb.let(xv(m, k) * 2.0 ** 56 if tiny else xv(m, k), "xv") for m in range(MR)]
+                x = [kb.let(xv(m, k) * 2.0 ** 56 if fp8_bits else xv(m, k), "xv") for m in range(MR)]
                 ws = []
                 for r, (wa, e, n) in enumerate(wrows):
-                    if tiny:
+                    if fp8_bits:
                         w = wa.fp8_bits_vec(e, n, k, V)
                     elif wa.pk.kind == "i4":
                         off = c * V
@@ -129,7 +129,7 @@ def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: S
         row = []
         for r in range(NR):
             v = reduce_add(acc[m][r].v)
-            if tiny:
+            if fp8_bits:
                 v = v * 2.0 ** 56
             row.append(v + tail[m][r].v if tail is not None else v)
         out.append(row)
