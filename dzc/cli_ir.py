@@ -20,8 +20,7 @@ from dzc.ir.ops import Op
 from dzc.ir.printer import format_program, node_names
 from dzc.ir.program import Program
 from dzc.ir.shapes import format_shape
-
-PHASES = ("decode", "prefill", "prefill_last")
+from dzc.model import deepseek_v3
 
 
 def add_ir_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,7 +28,8 @@ def add_ir_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", metavar="MODEL", help="checkpoint folder")
     p.add_argument("--target", default="interp", help="code generator the pipeline is for (interp, cpu, ...)")
-    p.add_argument("--phase", default="decode", choices=PHASES, help="entry point to compile (default decode)")
+    p.add_argument("--phase", default="decode", choices=deepseek_v3.PHASES,
+                   help="entry point to compile (default decode)")
     p.add_argument("--quant", default=None, metavar="Q", help="weight format to quantize to (default: keep)")
     add_pass_print_args(p)
     p.add_argument("--verify-passes", action="store_true",
@@ -82,7 +82,6 @@ def list_passes(target: str, phase: str, quant: Optional[str], out: TextIO) -> N
 def run_ir(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     from dzc.checkpoint.loader import Checkpoint
     from dzc.driver import checkpoint_weights
-    from dzc.model import deepseek_v3
     from dzc.passes.base import PassContext
     from dzc.passes.manager import RunOptions, run_pipeline
     from dzc.passes.pipeline import build_pipeline

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from dzc.errors import InputError
+from dzc.model.deepseek_v3 import PHASES   # the programs the model traces; stages may name a subset
 from dzc.passes.base import Pass
 from dzc.passes.absorb_mla import AbsorbMLA
 from dzc.passes.cse import CSE
@@ -34,7 +35,6 @@ from dzc.passes.memory_plan import MemoryPlanPass
 from dzc.passes.quantize import Quantize
 from dzc.passes.simplify import Simplify, SimplifyLate
 
-PHASES = ("prefill", "prefill_last", "decode")
 TARGETS = ("interp", "cpu", "opencl", "metal", "cuda")
 NATIVE = tuple(t for t in TARGETS if t != "interp")
 
