@@ -1,7 +1,8 @@
 """Causal attention kernels with a block-wise online softmax (no [heads, queries, keys] score buffer).
 
 ATTENTION: one work item per (query, head); keys in blocks of B: scores into a stack array, one max/rescale per
-block, then the value rows accumulate into a stack accumulator. MLA_ATTENTION (absorbed MLA over the latent
+block, then the value rows accumulate into a stack accumulator (a few vectors of it at a time, in registers
+across the whole key block). MLA_ATTENTION (absorbed MLA over the latent
 cache): one work item per (query, block of HB heads), heads inside the key block so each block of latent rows is
 read from memory once and reused from cache by all HB heads. Key j is visible to query i iff j <= positions[i].
 """
@@ -10,30 +11,28 @@ from __future__ import annotations
 from typing import Callable
 
 from dzc.codegen.builder import KernelBuilder
-from dzc.codegen.kir import Buf, E, F32, I64, cast, const, exp, fma, load, maximum, minimum, reduce_add
+from dzc.codegen.kir import Buf, E, F32, I64, bcast, cast, const, exp, fma, load, maximum, minimum, reduce_add
 
 NEG_INF = float("-inf")
 
 
-def vdot(V: int, a: Buf, aoff: E, b: Buf, boff: E, D: int) -> E:
-    """dot(a[aoff:aoff+D], b[boff:boff+D]) as one expression: V-lane chunks unrolled, scalar tail."""
-    acc = None
+def vdot(V: int, a: Buf, aoff: E, b: Buf, boff: E, D: int, chains: int = 4) -> E:
+    """dot(a[aoff:aoff+D], b[boff:boff+D]) as one expression: V-lane chunks unrolled into `chains` independent
+    accumulators (one chain of D/V fmas waits on the fma latency at every step), scalar tail."""
+    accs: list[E] = []
     for c in range(D // V):
-        prod = load(a, aoff + c * V, V)
-        other = load(b, boff + c * V, V)
-        acc = prod * other if acc is None else fma(prod, other, acc)
-    out = reduce_add(acc) if acc is not None else const(0.0, F32)
+        prod, other = load(a, aoff + c * V, V), load(b, boff + c * V, V)
+        if c < chains:
+            accs.append(prod * other)
+        else:
+            accs[c % chains] = fma(prod, other, accs[c % chains])
+    while len(accs) > 1:      # pairwise: (0+2)+(1+3)
+        half = (len(accs) + 1) // 2
+        accs = [accs[i] + accs[i + half] if i + half < len(accs) else accs[i] for i in range(half)]
+    out = reduce_add(accs[0]) if accs else const(0.0, F32)
     for d in range(D // V * V, D):
         out = fma(load(a, aoff + d), load(b, boff + d), out)
     return out
-
-
-def vupdate(kb: KernelBuilder, V: int, dst: Buf, doff: E, D: int, fn: Callable[[E, int, int], E]) -> None:
-    """dst[doff + d] = fn(old value vector/scalar, d, lanes) for d < D, V lanes at a time (unrolled)."""
-    for c in range(D // V):
-        kb.store(dst, doff + c * V, fn(load(dst, doff + c * V, V), c * V, V))
-    for d in range(D // V * V, D):
-        kb.store(dst, doff + d, fn(load(dst, doff + d), d, 1))
 
 
 def attention(kb: KernelBuilder, V: int, q: tuple[Buf, E, E, E], k: tuple[Buf, E, E, E],
@@ -68,14 +67,11 @@ def attention(kb: KernelBuilder, V: int, q: tuple[Buf, E, E, E], k: tuple[Buf, E
             mnew = kb.let(maximum(m.v, bm.v), "mn")
             corr = kb.let(exp(m.v - mnew), "corr")
             kb.set(l, l.v * corr)
-            vupdate(kb, V, acc, const(0, I64), Dv, lambda old, d, lanes: old * corr)
             with kb.loop(0, jn, name="jj") as jj:
                 p = kb.let(exp(load(sc, jj) - mnew), "p")
+                kb.store(sc, jj, p)
                 kb.set(l, l.v + p)
-                voff = kb.let(vo + (j0 + jj) * vs0 + kh * vs1, "vo")
-                vupdate(kb, V, acc, const(0, I64), Dv,
-                        lambda old, d, lanes: fma(load(vb, voff + d, lanes), p, old) if lanes > 1
-                        else fma(load(vb, voff + d), p, old))
+            _accumulate_rows(kb, V, acc, const(0, I64), Dv, corr, sc, jn, lambda jj: vo + (j0 + jj) * vs0 + kh * vs1, vb)
             kb.set(m, mnew)
         inv = kb.let(const(1.0, F32) / l.v, "inv")
         obase = kb.let(oo + (n * H + h) * Dv, "ob")
@@ -87,7 +83,7 @@ def attention(kb: KernelBuilder, V: int, q: tuple[Buf, E, E, E], k: tuple[Buf, E
 
 def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: tuple[Buf, E, E, E],
                   lat: tuple[Buf, E, E], kpe: tuple[Buf, E, E], pos: tuple[Buf, E], out: tuple[Buf, E], N: E, H: int,
-                  S: E, C: int, R: int, scale: float, B: int = 16, HB: int = 0) -> None:
+                  S: E, C: int, R: int, scale: float, B: int = 8, HB: int = 0) -> None:
     """q_lat/q_pe = (buffer, offset, stride axis 0, stride axis 1); lat/kpe = (buffer, offset, row stride)."""
     qb, qo, qs0, qs1 = q_lat
     pb_, po_, ps0, ps1 = q_pe
@@ -129,15 +125,11 @@ def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: t
                 mnew = kb.let(maximum(mold, bm.v), "mn")
                 corr = kb.let(exp(mold - mnew), "corr")
                 lacc = kb.reg(load(l, hh) * corr, "l")
-                aoff = kb.let(hh * C, "ao")
-                vupdate(kb, V, acc, aoff, C, lambda old, d, lanes: old * corr)
                 with kb.loop(0, jn, name="jj") as jj:
                     p = kb.let(exp(load(sc, jj) - mnew), "p")
+                    kb.store(sc, jj, p)
                     kb.set(lacc, lacc.v + p)
-                    roff = kb.let(lo + (j0 + jj) * ls, "ro")
-                    vupdate(kb, V, acc, aoff, C,
-                            lambda old, d, lanes: fma(load(lb, roff + d, lanes), p, old) if lanes > 1
-                            else fma(load(lb, roff + d), p, old))
+                _accumulate_rows(kb, V, acc, hh * C, C, corr, sc, jn, lambda jj: lo + (j0 + jj) * ls, lb)
                 kb.store(l, hh, lacc.v)
                 kb.store(m, hh, mnew)
         with kb.loop(0, hcount, name="hh") as hh:
@@ -148,3 +140,28 @@ def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: t
                 kb.store(out, obase + c * V, load(acc, aoff + c * V, V) * inv)
             for d in range(C // V * V, C):
                 kb.store(out, obase + d, load(acc, aoff + d) * inv)
+
+
+def _accumulate_rows(kb: KernelBuilder, V: int, acc: Buf, aoff: E, C: int, corr: E, p: Buf, jn: E,
+                     row: Callable[[E], E], rows: Buf, U: int = 4) -> None:
+    """acc[aoff + c] = acc[aoff + c] * corr + sum_{jj < jn} p[jj] * rows[row(jj) + c] for c < C: U vectors of the
+    accumulator stay in registers across the whole key block (one load and store per block, not per key)."""
+    nvec = C // V
+    for lo, hi, u in ((0, nvec // U * U, U), (nvec // U * U, nvec, 1)):
+        if hi <= lo:
+            continue
+        with kb.loop(lo, hi, step=u, name="cv") as cv:
+            base = kb.let(cv * V, "c")
+            regs = [kb.reg(load(acc, aoff + base + i * V, V) * corr, "a") for i in range(u)]
+            with kb.loop(0, jn, name="jj") as jj:
+                pj = kb.let(bcast(load(p, jj), V), "p")
+                r0 = kb.let(row(jj) + base, "r")
+                for i, r in enumerate(regs):
+                    kb.set(r, fma(load(rows, r0 + i * V, V), pj, r.v))
+            for i, r in enumerate(regs):
+                kb.store(acc, aoff + base + i * V, r.v)
+    for d in range(nvec * V, C):
+        r = kb.reg(load(acc, aoff + d) * corr, "a")
+        with kb.loop(0, jn, name="jj") as jj:
+            kb.set(r, fma(load(rows, row(jj) + d), load(p, jj), r.v))
+        kb.store(acc, aoff + d, r.v)
