@@ -7,9 +7,10 @@
 pp512: prompt processing, 512 new tokens on an empty cache (one prefill call). tg128: 128 tokens generated one
 at a time (128 decode calls) from an empty cache. t/s is the median over --reps runs (± half the min-max
 spread). `GB/tok` is the weight bytes one decode step reads (dense weights, the shared experts and top-k of the
-routed experts, lm_head); `roof t/s` = measured read bandwidth / GB/tok; `%roof` = tg t/s / roof t/s. The
-bandwidth is measured right before and right after each row's runs and their mean is that row's roofline: on a
-shared VM it drifts by tens of percent within minutes, so one figure for the whole table would misstate rows.
+routed experts, lm_head); `roof t/s` = measured read bandwidth / GB/tok; `%roof` = tg t/s / roof t/s. Each
+rep (one pp and one tg run) sits between two bandwidth measurements and their mean is that rep's roofline; `roof
+t/s` and `%roof` are medians over the reps of the per-rep values. On a shared VM the bandwidth drifts by tens of
+percent within minutes, so one figure for the whole table, or even one per row, would misstate rows.
 Artifacts are compiled into --work once and reused. Not a test: run it on a quiet machine.
 
 llama.cpp rows (`--llama-cpp DIR`, default --work/llama.cpp; `--llama-cpp ''` skips them): bench/llama_cpp_bench.py
@@ -82,7 +83,8 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
-def bench_dzc(art: Path, threads: int, pp: int, tg: int, reps: int, vocab: int) -> dict:
+def dzc_rep(art: Path, threads: int, pp: int, tg: int, vocab: int) -> Callable[[], dict]:
+    """Load and warm `art`; returns one rep: {'pp': [t/s], 'tg': [t/s]}."""
     from dzc.runtime.native_executor import NativeExecutor
     ex = NativeExecutor(art, max_context=pp + tg + 8, threads=threads, prefill_chunk=pp, verify=False)
     rng = np.random.default_rng(0)
@@ -101,7 +103,7 @@ def bench_dzc(art: Path, threads: int, pp: int, tg: int, reps: int, vocab: int) 
     ex.reset()
     for _ in range(8):
         ex.forward(np.array([3]))
-    return {"pp": [pp / t for t in timed(run_pp, reps)], "tg": [tg / t for t in timed(run_tg, reps)]}
+    return lambda: {"pp": [pp / t for t in timed(run_pp, 1)], "tg": [tg / t for t in timed(run_tg, 1)]}
 
 
 def torch_model(ckpt: Path, dtype: str):
@@ -185,13 +187,19 @@ def main() -> int:
     rows = []
     seen_bw: list[float] = []
 
-    def bracketed(t: int, run: Callable[[], dict]) -> tuple[dict, float]:
-        """run() between two bandwidth measurements; (its result, their mean in GB/s)."""
-        before = read_bandwidth(a.bandwidth_mb, t)
-        r = run()
-        after = read_bandwidth(a.bandwidth_mb, t)
-        seen_bw.extend((before, after))
-        return r, (before + after) / 2
+    def bracketed(t: int, reps: int, rep: Callable[[], dict]) -> tuple[dict, list[float]]:
+        """`reps` runs of rep(), each between two bandwidth measurements: (their results, each rep's mean GB/s)."""
+        out: dict = {}
+        bws = []
+        for _ in range(reps):
+            before = read_bandwidth(a.bandwidth_mb, t)
+            r = rep()
+            after = read_bandwidth(a.bandwidth_mb, t)
+            seen_bw.extend((before, after))
+            bws.append((before + after) / 2)
+            for key, val in r.items():
+                out[key] = out.get(key, []) + val if isinstance(val, list) else val
+        return out, bws
     for fmt in [f for f in a.formats.split(",") if f]:
         if fmt == "fp8":
             if a.fp8 is None:
@@ -201,9 +209,8 @@ def main() -> int:
             art = compile_if_missing(a.bf16, a.work / f"art-{fmt}", None if fmt == "bf16" else fmt, max(a.threads))
         per_tok, total = active_bytes(art)
         for t in a.threads:
-            r, bw = bracketed(t, lambda: bench_dzc(art, t, a.pp, a.tg, a.reps, vocab))
-            roof = bw * 1e9 / per_tok
-            rows.append((f"dsv3-synth {fmt}", total, "dzc-cpu", t, r, per_tok, roof))
+            r, bws = bracketed(t, a.reps, dzc_rep(art, t, a.pp, a.tg, vocab))
+            rows.append((f"dsv3-synth {fmt}", total, "dzc-cpu", t, r, per_tok, [bw * 1e9 / per_tok for bw in bws]))
             print(f"done dzc {fmt} threads={t}", file=sys.stderr, flush=True)
     for dt in [d for d in a.torch.split(",") if d]:
         for t in a.threads:
@@ -216,7 +223,7 @@ def main() -> int:
     n_params = _params(cfg)
     if seen_bw:
         print(f"\nmachine read bandwidth: {min(seen_bw):.1f} to {max(seen_bw):.1f} GB/s over the run "
-              f"(each row's roofline: the mean of the measurements just before and after it)")
+              f"(each rep's roofline: the mean of the measurements just before and after it)")
     print(f"model: {n_params / 1e9:.2f} B params, vocab {vocab}, {cfg['num_hidden_layers']} layers, "
           f"{cfg['n_routed_experts']} experts top-{cfg['num_experts_per_tok']}")
     if lc_note:
@@ -227,14 +234,14 @@ def main() -> int:
     print("| model | size | params | backend | threads | test | t/s | GB/tok | roof t/s | %roof |" + vs)
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if llama else ""))
     for row in rows:
-        name, total, backend, t, r, per_tok, roof = row[:7]
+        name, total, backend, t, r, per_tok, roofs = row[:7]
         size = f"{total / 2**30:.2f} GiB" if total else f"{n_params * row[7] / 2**30:.2f} GiB"
         for test in ("pp", "tg"):
             label = f"{test}{a.pp if test == 'pp' else a.tg}"
             extra = "| | |"
             if test == "tg" and per_tok:
-                med = statistics.median(r["tg"])
-                extra = f"| {per_tok / 1e9:.3f} | {roof:.1f} | {100 * med / roof:.0f}% |"
+                frac = statistics.median(tg / roof for tg, roof in zip(r["tg"], roofs))
+                extra = f"| {per_tok / 1e9:.3f} | {statistics.median(roofs):.1f} | {100 * frac:.0f}% |"
             elif test == "tg":
                 extra = "| | | |"
             else:
@@ -261,10 +268,10 @@ def bench_llama_cpp(work: Path, a: argparse.Namespace, bracketed: Callable, rows
         for q, path in ggufs.items():
             info = llama_cpp.gguf_info(path, src)
             for t in a.threads:
-                r, bw = bracketed(t, lambda: llama_cpp.llama_bench(binp, path, t, a.pp, a.tg, a.reps))
+                r, bws = bracketed(t, a.reps, lambda: llama_cpp.llama_bench(binp, path, t, a.pp, a.tg, 1))
                 build = build or r.get("build", "")
                 rows.append((f"dsv3-synth {q}", info["total_bytes"], LLAMA_BACKEND, t, r, info["per_tok_bytes"],
-                             bw * 1e9 / info["per_tok_bytes"]))
+                             [bw * 1e9 / info["per_tok_bytes"] for bw in bws]))
                 print(f"done llama.cpp {q} threads={t}", file=sys.stderr, flush=True)
         return (f"llama.cpp: {src.parent.parent.name} sdist, build {build}, GGUF arch {info['arch']}, "
                 f"{info['expert_count']} experts top-{info['expert_used_count']} (llama-bench)")
