@@ -112,8 +112,11 @@ class Packed:
 VNNI_TILE = 16
 
 
-def for_target(pk: Packed, target, act: int) -> Packed:
-    """`pk`, row-tiled when the target has int8 dot products and the consumers quantize their input (act=8)."""
+def for_target(pk: Packed, target, act: int, shape: tuple = ()) -> Packed:
+    """`pk`, row-tiled when the target has int8 dot products and the consumers quantize their input (act=8). A
+    batch of matrices ([B, N, K], tiled as one [B*N, K]) only when N is whole tiles: no tile mixes two matrices."""
+    if len(shape) > 2 and int(shape[-2]) % VNNI_TILE:
+        return pk
     if act == 8 and pk.kind in ("i8", "i4") and pk.group % 32 == 0 and getattr(target, "int8_dot", False):
         return dataclasses.replace(pk, tile=VNNI_TILE)
     return pk

@@ -150,12 +150,14 @@ class Lowerer:
 
     def weight_access(self, kc: KC, w: WeightVal) -> WeightAccess:
         weight_slots(self, w)
-        N, K = rows_cols(tuple(d.value() for d in w.shape)) if w.shape else (1, 1)
+        dims = tuple(d.value() for d in w.shape)
+        batched = len(dims) == 3            # a batched LINEAR's [B, N, K]: B matrices stacked like MoE experts
+        N, K = (dims[1], dims[2]) if batched else rows_cols(dims) if dims else (1, 1)
         scale = kc.buf(w.slots["scale"]) if "scale" in w.slots else None
         wa = WeightAccess(w.packed, kc.buf(w.slots["data"]), scale, N, K)
         wa.fp8_bits = w.packed.kind == "fp8" and self.target.denormals_fast
         info = w.slots["data"].info
-        if "stack" in info:
+        if "stack" in info or batched:
             wa.E = int(info["shape"][0])
         return wa
 
@@ -247,7 +249,7 @@ def _weight(low: Lowerer, node: Node) -> Value:
     shape = tuple(Poly.of(d) for d in node.shape)
     enc = low.store.encoded(ref.name) if hasattr(low.store, "encoded") else None
     pk = packed_format(enc[0] if enc else ref.fmt, enc[1] if enc else None, tuple(node.shape))
-    return WeightVal(ref, shape, for_target(pk, low.target, ref.fmt.act), {})
+    return WeightVal(ref, shape, for_target(pk, low.target, ref.fmt.act, tuple(node.shape)), {})
 
 
 def weight_slots(low: "Lowerer", w: WeightVal) -> dict:

@@ -11,7 +11,7 @@ from dzc.codegen.kernels import attention as attn
 from dzc.codegen.kernels import int8_dot
 from dzc.codegen.kernels import moe as moe_k
 from dzc.codegen.kernels.int8_dot import FakeQuant, QRows, quantize_row, weight_offset
-from dzc.codegen.kernels.linear import gemm, gemm_panel, gemv, panel_formats
+from dzc.codegen.kernels.linear import batched_gemv, gemm, gemm_panel, gemv, panel_formats
 from dzc.codegen.kernels.weights import WeightAccess
 from dzc.codegen.layout import for_target, packed_format
 from dzc.codegen.lower import KC, Lowerer, elementwise, expand, handles, permute, reshape, shape_of, slice_
@@ -141,7 +141,7 @@ def _matmul(low: Lowerer, node: Node):
 
 
 def _matmul_weight(low: Lowerer, node: Node, a, w: WeightVal):
-    """a[..., m, k] @ W[..., k, n] with W a weight (MLA's absorbed W_UK / W_UV): vectorised over n, in registers."""
+    """a[..., m, k] @ W[..., k, n] with W a weight (the reduction runs over W's rows): vectorised over n."""
     from dzc.codegen.kernels.linear import xw_row
     dest = low.out_view(node)
     shape = shape_of(node)
@@ -182,6 +182,8 @@ def tile_shape(low: Lowerer) -> tuple[int, int]:
 
 @handles(Op.LINEAR)
 def _linear(low: Lowerer, node: Node):
+    if node.src[1].ndim == 3:
+        return _batched_linear(low, node)
     x, M, xs = low.as_rows(low.val(node.src[0]))
     w = low.val(node.src[1])
     N, K = int(node.src[1].shape[0]), int(node.src[1].shape[1])
@@ -215,6 +217,41 @@ def _linear(low: Lowerer, node: Node):
         NB = max(NR, min(64, N // 8 // NR * NR))
         gemm(kb, V, M.expr(), lambda m: (xb, xo + m * xse), lambda n: [(wa, 0, n)], N, K,
              lambda m, n, vs: kb.store(yb, yo + m * N + n, vs[0]), MR=MR, NR=NR, NB=NB, MB=MB)
+    low.emit(kc)
+    return dest
+
+
+def _batched_linear(low: Lowerer, node: Node):
+    """LINEAR(x[B, M, K], W[B, N, K]) (MLA's absorbed W_UK / W_UV per head): one GEMV-shaped region over all B
+    matrices, their rows contiguous (int8 activations and VNNI tiles as in _linear where the format says so)."""
+    x = _unit_last(low, low.val(node.src[0]))
+    w = low.val(node.src[1])
+    B, N, K = (int(d) for d in node.src[1].shape)
+    M = x.shape[1]
+    dest = low.out_view(node)
+    kc = KC("linear")
+    kb = kc.kb
+    wa = low.weight_access(kc, w)
+    xb, yb = kc.buf(x.slot), kc.buf(dest.slot)
+    xo, sb, sm = x.offset.expr(), x.strides[0].expr(), x.strides[1].expr()
+    Me = M.expr()
+
+    def store(b, m, n, v):
+        kb.store(yb, dest.index([b, m, kir.i64(0)]) + n, v)
+
+    def row(r):          # activation row r = b * M + m
+        return xb, xo + r // Me * sb + r % Me * sm
+    if w.ref.fmt.act and wa.pk.tile:
+        qr = act_rows(low, kc, M * B, K, weight_offset(wa), "xq")
+        int8_dot.quantize_rows(kb, low.V, (M * B).expr(), row, K, lambda r: (qr, r))
+        int8_dot.batched_gemv(kb, Me, lambda b, m: (qr, b * Me + m), wa, N, K, store)
+        low.emit(kc)
+        return dest
+    if w.ref.fmt.act:
+        rows = round_rows(low, kc, M * B, K, row, "x_a8")
+        xb, xo, sb, sm = kc.buf(rows.slot), kir.i64(0), Me * K, kir.i64(K)
+    batched_gemv(kb, low.V, Me, lambda b, m: (xb, xo + b * sb + m * sm), wa, N, K, store,
+                 NR=8 if low.target.vector_regs >= 32 else 4)
     low.emit(kc)
     return dest
 

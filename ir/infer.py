@@ -182,9 +182,11 @@ def _matmul(src, arg):
 @rule(Op.LINEAR)
 def _linear(src, arg):
     x, w = src
-    if w.op != Op.WEIGHT or w.ndim != 2 or x.shape[-1] != w.shape[1] or x.dtype != DType.F32:
-        raise _fail("linear", "needs f32 x[..., K] and a weight W[N, K]", x, w)
-    return DType.F32, x.shape[:-1] + (w.shape[0],)
+    plain = w.ndim == 2
+    batched = w.ndim == 3 and x.ndim == 3 and x.shape[0] == w.shape[0]
+    if w.op != Op.WEIGHT or not (plain or batched) or x.shape[-1] != w.shape[-1] or x.dtype != DType.F32:
+        raise _fail("linear", "needs f32 x[..., K] and a weight W[N, K], or x[B, M, K] and W[B, N, K]", x, w)
+    return DType.F32, x.shape[:-1] + (w.shape[-2],)
 
 
 @rule(Op.MOE)

@@ -75,7 +75,7 @@ def _input_for(node, weight_index: int, x: np.ndarray) -> np.ndarray:
 
 @impl(Op.LINEAR)
 def _linear(node, args, env):
-    return _input_for(node, 1, args[0]) @ args[1].T
+    return _input_for(node, 1, args[0]) @ np.swapaxes(args[1], -1, -2)       # batched W [B, N, K] too
 
 
 @impl(Op.SLICE)

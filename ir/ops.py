@@ -34,7 +34,8 @@ class Op(Enum):
     TOPK = auto()        # arg: k; indices (i32) of the k largest along the last axis, largest first
     # linear algebra
     MATMUL = auto()      # batched a[..., m, k] @ b[..., k, n] (numpy broadcasting on batch dims)
-    LINEAR = auto()      # x[..., K] @ W[N, K]^T with W a WEIGHT in any storage format
+    LINEAR = auto()      # x[..., K] @ W[N, K]^T with W a WEIGHT in any storage format; or batched,
+                         #   x[B, M, K] @ W[B, N, K]^T per b (MLA's absorbed per-head matrices)
     MOE = auto()         # src: (x [T,H], idx [T,k], w [T,k], gate_0, up_0, down_0, ...): routed SwiGLU experts
     # fused kernels introduced by passes
     RMSNORM = auto()     # src: (x, weight); arg: eps

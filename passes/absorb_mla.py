@@ -9,17 +9,20 @@ The traced (expanded) attention of one layer, per dzc/model/deepseek_v3.py, is
 
 (the softmax may already be a SOFTMAX op, or the whole thing one ATTENTION op). This pass rewrites it into
 
-    q_lat   = q_nope @ W_UK                                  [N,H,C]   W_UK [H,Dn,C] = kv_b rows of k_nope
+    q_lat   = LINEAR(q_nope, W_UK)                           [N,H,C]   W_UK [H,C,Dn] = kv_b rows of k_nope, transposed
     out_lat = MLA_ATTENTION(q_lat, q_pe, latent_all, k_pe_all, positions) {scale}
-    out     = out_lat @ W_UV                                 [H,N,Dv]  W_UV [H,C,Dv] = kv_b rows of v, transposed
+    out     = LINEAR(out_lat, W_UV)                          [H,N,Dv]  W_UV [H,Dv,C] = kv_b rows of v
 
-which is the same function: q_nope . (W_k c) = (q_nope W_k) . c and probs @ (W_v c) = (probs @ c) W_v^T. The
+which is the same function: q_nope . (W_k c) = (q_nope W_k) . c and probs @ (W_v c) = (probs @ c) W_v^T. Both
+products are batched LINEARs (per head h: x[h] @ W[h]^T), so every back end runs them as GEMVs over contiguous
+weight rows, and `quantize` treats them like any other LINEAR weight (int8 activations under int8/int4). The
 match is structural (the graph above, operand by operand, the mask checked to be exactly `j <= positions[i]`);
 names only name the derived weights: "<kv_b minus .weight>.w_uk" / ".w_uv", defined once in ctx.weights.
 
 Derived weight formats: kv_b's own format when it holds the sliced values exactly (always for f32/bf16/f16; for
 block FP8 when the store has kv_b's FP8 parts and Dn, Dv are multiples of the block rows: then q and scale_inv
-are sliced, no re-rounding); otherwise f32. Run this pass before `quantize`, which re-encodes them like kv_b.
+are sliced (and transposed for W_UK), no re-rounding); otherwise f32. Run this pass before `quantize`, which
+re-encodes them like kv_b.
 They are derived from every matched layer, also in a program that stays expanded: programs of one compile
 share ctx.weights, and a later program's absorption must still see kv_b's exact (unquantized) values.
 
@@ -243,10 +246,10 @@ def _fp8_slices(parts, fmt: WeightFormat, heads: int, nope: int, v_dim: int):
         return None
     q = np.asarray(parts["q"]).reshape(heads, nope + v_dim, -1)
     s = np.asarray(parts["scale_inv"], dtype=np.float32).reshape(heads, (nope + v_dim) // b0, -1)
-    uk = {"q": np.ascontiguousarray(q[:, :nope]), "scale_inv": np.ascontiguousarray(s[:, : nope // b0])}
-    uv = {"q": np.ascontiguousarray(q[:, nope:].transpose(0, 2, 1)),
-          "scale_inv": np.ascontiguousarray(s[:, nope // b0:].transpose(0, 2, 1))}
-    return (uk, fmt), (uv, WeightFormat(fmt.dtype, (b1, b0)))
+    uk = {"q": np.ascontiguousarray(q[:, :nope].transpose(0, 2, 1)),
+          "scale_inv": np.ascontiguousarray(s[:, : nope // b0].transpose(0, 2, 1))}
+    uv = {"q": np.ascontiguousarray(q[:, nope:]), "scale_inv": np.ascontiguousarray(s[:, nope // b0:])}
+    return (uk, WeightFormat(fmt.dtype, (b1, b0))), (uv, fmt)
 
 
 def _define(ctx: PassContext, name: str, value: np.ndarray, candidates) -> WeightFormat:
@@ -276,23 +279,23 @@ def _candidates(ctx: PassContext, ref: WeightRef, heads: int, nope: int, v_dim: 
     if sliced:
         uk.append(sliced[0])
         uv.append(sliced[1])
-    uk.append((None, rowmajor))
-    uv.append((None, WeightFormat(fmt.dtype, (fmt.block[1], fmt.block[0]))))
+    uk.append((None, WeightFormat(fmt.dtype, (fmt.block[1], fmt.block[0]))))
+    uv.append((None, rowmajor))
     return uk, uv
 
 
 def absorbed_weights(ctx: PassContext, kv_b: Node, heads: int, nope: int, v_dim: int) -> tuple[Node, Node]:
-    """WEIGHT nodes W_UK [H, Dn, C] and W_UV [H, C, Dv] derived from kv_b (defined in ctx.weights once)."""
+    """WEIGHT nodes W_UK [H, C, Dn] and W_UV [H, Dv, C] derived from kv_b (defined in ctx.weights once)."""
     ref: WeightRef = kv_b.arg
     c = kv_b.shape[1]
     names = (_base(ref.name) + ".w_uk", _base(ref.name) + ".w_uv")
     if not all(n in ctx.weights for n in names):
         w = ctx.weights.f32(ref.name).reshape(heads, nope + v_dim, c)
-        values = (np.ascontiguousarray(w[:, :nope]), np.ascontiguousarray(w[:, nope:].transpose(0, 2, 1)))
+        values = (np.ascontiguousarray(w[:, :nope].transpose(0, 2, 1)), np.ascontiguousarray(w[:, nope:]))
         for name, value, cands in zip(names, values, _candidates(ctx, ref, heads, nope, v_dim)):
             _define(ctx, name, value, cands)
     out = []
-    for name, shape in zip(names, ((heads, nope, c), (heads, c, v_dim))):
+    for name, shape in zip(names, ((heads, c, nope), (heads, v_dim, c))):
         stored = ctx.weights.encoded(name)
         out.append(Node(Op.WEIGHT, DType.F32, shape, (), WeightRef(name, stored[0] if stored else quant.F32)))
     return out[0], out[1]
@@ -302,9 +305,9 @@ def absorbed_attention(ctx: PassContext, m: ExpandedMLA) -> Node:
     """[H, N, Dv]: the absorbed computation of `m` (what probs @ v computed)."""
     d = m.dims
     w_uk, w_uv = absorbed_weights(ctx, m.kv_b, d["heads"], d["nope"], d["v_dim"])
-    q_lat = make(Op.PERMUTE, [make(Op.MATMUL, [make(Op.PERMUTE, [m.q_nope], (1, 0, 2)), w_uk])], (1, 0, 2))
+    q_lat = make(Op.PERMUTE, [make(Op.LINEAR, [make(Op.PERMUTE, [m.q_nope], (1, 0, 2)), w_uk])], (1, 0, 2))
     out_lat = make(Op.MLA_ATTENTION, [q_lat, m.q_pe, m.latent, m.k_pe, m.positions], m.scale)
-    return make(Op.MATMUL, [make(Op.PERMUTE, [out_lat], (1, 0, 2)), w_uv])
+    return make(Op.LINEAR, [make(Op.PERMUTE, [out_lat], (1, 0, 2)), w_uv])
 
 
 # ---- the pass ----------------------------------------------------------------------------------------------------

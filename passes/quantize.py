@@ -3,8 +3,9 @@
 Quantization is a format, not an op: the graph keeps its LINEAR/MOE/MATMUL nodes and only the WEIGHT leaves'
 `WeightFormat` changes; kernels dequantize in registers. Which weights (found by structure, not by name):
 
-  matrix weights   the weight operand of LINEAR, the expert weights of MOE / GROUPED_SWIGLU, and WEIGHT operands
-                   of MATMUL (MLA's absorbed W_UK / W_UV). This covers every Linear inside the layers and lm_head.
+  matrix weights   the weight operand of LINEAR (batched ones too: MLA's absorbed W_UK / W_UV), the expert weights
+                   of MOE / GROUPED_SWIGLU, and WEIGHT operands of MATMUL. This covers every Linear inside the
+                   layers and lm_head.
   router           excluded: the LINEAR weights that feed a MOE's routing operands (idx, w) without another
                    LINEAR in between, i.e. mlp.gate.weight. Routing decisions are discrete; they stay exact.
   embedding        a weight only GATHERed (embed_tokens when untied): f32 under --quant f32, bf16 under

@@ -58,7 +58,7 @@ def test_decode_pattern_in_and_out(q_lora):
     assert "model.layers.0.self_attn.kv_b_proj.w_uk" in names and "model.layers.0.self_attn.kv_b_proj.w_uv" in names
     assert not any(n.endswith("kv_b_proj.weight") for n in names)
     text = format_program(after)
-    assert "mla_attention" in text and 'weight "model.layers.2.self_attn.kv_b_proj.w_uv" : f32[4, 16, 8]' in text
+    assert "mla_attention" in text and 'weight "model.layers.2.self_attn.kv_b_proj.w_uv" : f32[4, 8, 16]' in text
     # the first layer's cache rows are the very same nodes (later layers' differ only through earlier layers)
     assert after.output("cache.0.latent") is before.output("cache.0.latent")
     assert after.output("cache.0.k_pe") is before.output("cache.0.k_pe")
@@ -179,7 +179,7 @@ def test_derived_weights_values_and_determinism():
     kv_b = tm.weights.f32("model.layers.1.self_attn.kv_b_proj.weight").reshape(h, nope + v, -1)
     uk = tm.weights.f32("model.layers.1.self_attn.kv_b_proj.w_uk")
     uv = tm.weights.f32("model.layers.1.self_attn.kv_b_proj.w_uv")
-    assert np.array_equal(uk, kv_b[:, :nope]) and np.array_equal(uv, kv_b[:, nope:].transpose(0, 2, 1))
+    assert np.array_equal(uk, kv_b[:, :nope].transpose(0, 2, 1)) and np.array_equal(uv, kv_b[:, nope:])
 
 
 FP8 = WeightFormat(DType.FP8E4M3, (4, 8))  # blocks small enough that the tiny model has many (and ragged ones)
@@ -203,12 +203,16 @@ def test_fp8_kv_b_gives_fp8_absorbed_weights_exactly():
     after = AbsorbMLA().run(before, tm.ctx())
     fmts = {ref.name: ref.fmt for ref in after.weights()}
     name = "model.layers.0.self_attn.kv_b_proj"
-    assert fmts[name + ".w_uk"] == FP8                                     # sliced, not re-rounded
-    assert fmts[name + ".w_uv"] == WeightFormat(DType.FP8E4M3, (8, 4))     # transposed blocks
+    assert fmts[name + ".w_uk"] == WeightFormat(DType.FP8E4M3, (8, 4))     # sliced, transposed blocks
+    assert fmts[name + ".w_uv"] == FP8                                     # sliced, not re-rounded
     kv_fmt, kv_parts = tm.weights.encoded(name + ".weight")
     uk_fmt, uk_parts = tm.weights.encoded(name + ".w_uk")
-    assert uk_fmt == FP8 and np.array_equal(uk_parts["q"], kv_parts["q"].reshape(4, 20, 16)[:, :12])
-    assert np.array_equal(uk_parts["scale_inv"], kv_parts["scale_inv"].reshape(4, 5, 2)[:, :3])
+    uv_fmt, uv_parts = tm.weights.encoded(name + ".w_uv")
+    q, s = kv_parts["q"].reshape(4, 20, 16), kv_parts["scale_inv"].reshape(4, 5, 2)
+    assert np.array_equal(uk_parts["q"], q[:, :12].transpose(0, 2, 1))
+    assert np.array_equal(uk_parts["scale_inv"], s[:, :3].transpose(0, 2, 1))
+    assert uv_fmt == FP8 and np.array_equal(uv_parts["q"], q[:, 12:])
+    assert np.array_equal(uv_parts["scale_inv"], s[:, 3:])
     feed = pm.inputs(tm.config, 1, 5)
     assert max_err(pm.run(after, tm.weights, feed), pm.run(before, tm.weights, feed)) < 1e-5
 
@@ -238,9 +242,9 @@ def test_fp8_kv_b_without_parts_is_reencoded_only_when_exact():
         fmts = {ref.name: ref.fmt for ref in after.weights()}
         name = "model.layers.0.self_attn.kv_b_proj"
         kv_b = tm.weights.f32(name + ".weight").reshape(4, 20, 16)
-        assert np.array_equal(tm.weights.f32(name + ".w_uk"), kv_b[:, :12])
-        assert np.array_equal(tm.weights.f32(name + ".w_uv"), kv_b[:, 12:].transpose(0, 2, 1))
+        assert np.array_equal(tm.weights.f32(name + ".w_uk"), kv_b[:, :12].transpose(0, 2, 1))
+        assert np.array_equal(tm.weights.f32(name + ".w_uv"), kv_b[:, 12:])
         return fmts[name + ".w_uk"], fmts[name + ".w_uv"]
 
-    assert run(FP8) == (FP8, WeightFormat(DType.FP8E4M3, (8, 4)))
+    assert run(FP8) == (WeightFormat(DType.FP8E4M3, (8, 4)), FP8)
     assert run(quant.FP8_BLOCK128) == (quant.F32, quant.F32)

@@ -232,6 +232,29 @@ def test_matmul_weight_quantized(fmt):
     check(program("p", [a], {"y": a @ weight("w", f, (2, 128, 160))}), store, {"a": f32(2, 1, 128)})
 
 
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "fp8", "int8", "int8-a8", "int4-a8"])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("N,K", [(128, 160), (24, 40)])
+def test_batched_linear(fmt, n, N, K):
+    """LINEAR(x[B, M, K], W[B, N, K]) per b (absorbed W_UK / W_UV): N = 128 is whole VNNI tiles and fp8 blocks,
+    N = 24 rows would straddle matrices (untiled; fp8 falls back to f32); x is a permuted view, as absorb-mla
+    makes it; one token (decode) and several."""
+    store = Store()
+    f = store.add("w", f32(3, N, K) * 0.2, FORMATS[fmt])
+    x = input_("x", DType.F32, (T, 3, K))
+    y = linear(x.permute(1, 0, 2), weight("w", f, (3, N, K)))
+    check(program("p", [x], {"y": y}), store, {"x": f32(n, 3, K)})
+
+
+@pytest.mark.parametrize("fmt", ["int8-a8", "int4-a8"])
+def test_batched_linear_int8_activations_without_vnni(fmt):
+    store = Store()
+    f = store.add("w", f32(2, 32, 64) * 0.2, FORMATS[fmt])
+    x = input_("x", DType.F32, (2, T, 64))
+    check(program("p", [x], {"y": linear(x, weight("w", f, (2, 32, 64)))}), store, {"x": f32(2, 1, 64)},
+          target=without_int8_dot())
+
+
 # ---- norms, softmax, swiglu, rope ------------------------------------------------------------------------------------------
 def test_rmsnorm_softmax_swiglu_rope():
     store = Store()

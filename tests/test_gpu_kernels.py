@@ -74,6 +74,7 @@ test_linear = K.test_linear
 test_linear_on_strided_rows = K.test_linear_on_strided_rows
 test_matmul_activations_and_weights = K.test_matmul_activations_and_weights
 test_matmul_weight_quantized = K.test_matmul_weight_quantized
+test_batched_linear = K.test_batched_linear
 test_rmsnorm_softmax_swiglu_rope = K.test_rmsnorm_softmax_swiglu_rope
 test_attention = K.test_attention
 test_mla_attention_over_cache = K.test_mla_attention_over_cache

@@ -71,7 +71,8 @@ def attention(kb: KernelBuilder, V: int, q: tuple[Buf, E, E, E], k: tuple[Buf, E
                 p = kb.let(exp(load(sc, jj) - mnew), "p")
                 kb.store(sc, jj, p)
                 kb.set(l, l.v + p)
-            _accumulate_rows(kb, V, acc, const(0, I64), Dv, corr, sc, jn, lambda jj: vo + (j0 + jj) * vs0 + kh * vs1, vb)
+            _accumulate_rows(kb, V, acc, const(0, I64), Dv, corr, sc, jn,
+                             lambda jj: vo + (j0 + jj) * vs0 + kh * vs1, vb)
             kb.set(m, mnew)
         inv = kb.let(const(1.0, F32) / l.v, "inv")
         obase = kb.let(oo + (n * H + h) * Dv, "ob")

@@ -182,6 +182,23 @@ def gemv(kb: KernelBuilder, x: tuple[QRows, Operand], wa: WeightAccess, N: int, 
         store_tile(kb, t * TILE, res[0][0], min(TILE, N - t * TILE), store)
 
 
+def batched_gemv(kb: KernelBuilder, M: Operand, x: Callable[[E, E], tuple[QRows, E]], wa: WeightAccess, N: int,
+                 K: int, store: Callable[[E, E, Operand, E], None]) -> None:
+    """y[b, m, n] = dot(W[b, n], x(b, m)) for the wa.E matrices W[b] [N, K] (N whole tiles, see
+    layout.for_target), m < M: work items are (matrix, NT tiles), the M rows (1 in decode) run against an item's
+    tiles while they sit in L1. `store(b, m, n, value)` gets the 16 results of rows n.."""
+    tiles = N // TILE
+    NT = next(nt for nt in ((4, 2, 1) if wa.pk.kind == "i8" else (2, 1)) if tiles % nt == 0)
+    groups = tiles // NT
+    with kb.loop(0, wa.E * groups, parallel=True, grain=max(1, (1 << 16) // (NT * TILE * K)), name="t") as t:
+        b = kb.let(t // groups, "b")
+        j0 = kb.let(t % groups * NT, "j")
+        with kb.loop(0, M, name="m") as m:
+            res = tile_dot(kb, [x(b, m)], [(wa, b, j0 + j) for j in range(NT)], K, ahead=NT)
+            for j in range(NT):
+                store(b, m, (j0 + j) * TILE, res[0][j])
+
+
 def gemm(kb: KernelBuilder, M: E, x: Callable[[E], tuple[QRows, E]], wa: WeightAccess, N: int, K: int,
          store: Callable[[E, Operand, E], None], MR: int = 4, NT: int = 2) -> None:
     """y[m, n] for m < M, n < N; threads split groups of NT weight tiles, each walks all rows MR at a time while

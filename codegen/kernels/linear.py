@@ -156,6 +156,28 @@ def gemv(kb: KernelBuilder, V: int, x: tuple[Buf, E], wa: WeightAccess, N: int, 
             store(n, res[0][0])
 
 
+def batched_gemv(kb: KernelBuilder, V: int, M: Operand, x: Callable[[E, E], tuple[Buf, E]], wa: WeightAccess,
+                 N: int, K: int, store: Callable[[E, E, Operand, E], None], NR: int = 4) -> None:
+    """y[b, m, n] = dot(W[b, n], x(b, m)) for the wa.E matrices W[b] [N, K], m < M, n < N: work items are (matrix,
+    NR rows), so one region streams every matrix's rows like one GEMV; the M rows (1 in decode) run against an
+    item's rows while they sit in L1. `store(b, m, n, value)` writes one result."""
+    NR = max(1, min(NR, N))
+    tiles, rem = N // NR, N % NR
+    with kb.loop(0, wa.E * tiles, parallel=True, grain=grain_rows(NR, K, wa.pk.bytes_per_weight), name="t") as t:
+        b = kb.let(t // tiles, "b")
+        n0 = kb.let(t % tiles * NR, "n")
+        with kb.loop(0, M, name="m") as m:
+            res = dot_tile(kb, V, [x(b, m)], [(wa, b, n0 + r) for r in range(NR)], K, ahead=NR)
+            for r in range(NR):
+                store(b, m, n0 + r, res[0][r])
+    if rem:
+        with kb.loop(0, wa.E * rem, parallel=True, name="t") as t:
+            b = kb.let(t // rem, "b")
+            n = kb.let(tiles * NR + t % rem, "n")
+            with kb.loop(0, M, name="m") as m:
+                store(b, m, n, dot_tile(kb, V, [x(b, m)], [(wa, b, n)], K)[0][0])
+
+
 def gemm(kb: KernelBuilder, V: int, M: E, xrow: Callable[[E], tuple[Buf, E]], wrow: Callable[[E], list[WRow]],
          N: int, K: int, store: Callable[[E, E, list[E]], None], MR: int = 4, NR: int = 4, NB: int = 64,
          MB: int = 64, grain: int = 1, m_start: Operand = 0) -> None:
@@ -217,7 +239,7 @@ def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: 
         group = starts[i:i + per]
         accs = [kb.reg(const(0.0, F32.vec(V)), "acc") for _ in group]
         with kb.loop(0, Kd, name="k") as k:
-            if wa.pk.kind != "i4":      # this pass's columns XW_AHEAD rows on (absorbed MLA in decode: 1.2x)
+            if wa.pk.kind != "i4":      # this pass's columns XW_AHEAD rows on (1.2x on MLA-shaped weights)
                 for j in range(group[0], group[-1] + V, max(1, 64 // wa.pk.data_dt.itemsize)):
                     kb.prefetch(wa.data, wa._row(e, k + XW_AHEAD) + j)
             ak = kb.let(a(k), "a")
