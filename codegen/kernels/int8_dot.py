@@ -102,10 +102,11 @@ def _group(kb: KernelBuilder, V: int, amax: E, vs: Sequence[E], g: Operand, out,
 
 
 def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequence[tuple[WeightAccess, Operand, Operand]],
-             K: int, ahead: int = 0) -> list[list[E]]:
+             K: int, prefetch: Sequence[tuple[WeightAccess, Operand, Operand]] = ()) -> list[list[E]]:
     """[m][t] f32x16: input row xs[m] (QRows, row) against the 16 weight rows of tile ws[t] = (weight, expert,
     tile index). Read the results before emitting anything that reassigns the accumulators. GEMV callers pass
-    `ahead`, the distance in tiles to the ones they stream next, to prefetch those (into L2, as linear._prefetch)."""
+    in `prefetch` the tiles (weight, expert, tile index) they stream next, prefetched alongside (into L2, as
+    linear._prefetch)."""
     wa0 = ws[0][0]
     pk = wa0.pk
     Kp = pk.scale_cols(K) * pk.group
@@ -117,6 +118,7 @@ def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequenc
     bases = [kb.let((e * wa.pk.tiles(wa.N) + t) * tile_bytes, "wt") for wa, e, t in ws]
     sbases = [kb.let((e * wa.pk.tiles(wa.N) + t) * (pk.scale_cols(K) * TILE), "st") for wa, e, t in ws]
     xbases = [kb.let(r * (Kp // 4), "xq") for _, r in xs]
+    ahead = [(wa.data, kb.let((e * wa.pk.tiles(wa.N) + t) * tile_bytes, "pf")) for wa, e, t in prefetch]
     with kb.loop(0, nb, name="b") as b:
         isum: list[list[Optional[E]]] = [[None] * len(ws) for _ in xs]
 
@@ -132,9 +134,9 @@ def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequenc
                     isum[m][t] = dot4(prev, w, xq)
 
         per_b = QG * TILE // (1 if pk.kind == "i8" else 2)          # bytes of one tile per 32 input elements
-        for t in range(len(ws) if ahead else 0):
+        for buf, base in ahead:
             for i in range(per_b // 64):
-                kb.prefetch(ws[t][0].data, bases[t] + ahead * tile_bytes + b * per_b + i * 64)
+                kb.prefetch(buf, base + b * per_b + i * 64)
         if pk.kind == "i8":
             for j in range(8):
                 feed([kb.let(load(wa.data, bases[t] + (b * 8 + j) * 64, 64), "w") for t, (wa, _, _) in enumerate(ws)], j)
@@ -174,7 +176,8 @@ def gemv(kb: KernelBuilder, x: tuple[QRows, Operand], wa: WeightAccess, N: int, 
     if groups:
         grain = max(1, (1 << 16) // (NT * TILE * K))
         with kb.loop(0, groups, parallel=True, grain=grain, name="t") as t:
-            res = tile_dot(kb, [x], [(wa, e, t * NT + j) for j in range(NT)], K, ahead=NT)
+            res = tile_dot(kb, [x], [(wa, e, t * NT + j) for j in range(NT)], K,
+                           prefetch=[(wa, e, t * NT + NT + j) for j in range(NT)])
             for j in range(NT):
                 store((t * NT + j) * TILE, res[0][j])
     for t in range(groups * NT, wa.pk.tiles(N)):
@@ -194,7 +197,8 @@ def batched_gemv(kb: KernelBuilder, M: Operand, x: Callable[[E, E], tuple[QRows,
         b = kb.let(t // groups, "b")
         j0 = kb.let(t % groups * NT, "j")
         with kb.loop(0, M, name="m") as m:
-            res = tile_dot(kb, [x(b, m)], [(wa, b, j0 + j) for j in range(NT)], K, ahead=NT)
+            res = tile_dot(kb, [x(b, m)], [(wa, b, j0 + j) for j in range(NT)], K,
+                           prefetch=[(wa, b, j0 + NT + j) for j in range(NT)])
             for j in range(NT):
                 store(b, m, (j0 + j) * TILE, res[0][j])
 

@@ -22,27 +22,25 @@ from dzc.codegen.kernels.weights import WeightAccess
 WRow = tuple[WeightAccess, Operand, Operand]      # (weight, expert, row)
 
 
-def _prefetch(kb: KernelBuilder, wrows: Sequence[WRow], k: E, elems: int, ahead: int) -> None:
-    """Prefetch the `elems` weights at k of each row `ahead` rows further on: the rows of the tile this thread
-    streams next, into L2 (kir.Prefetch). Where decoding keeps the core busy (fp8, bf16) the hardware prefetcher
-    falls behind: into L1 this lookahead made decode 1.1x (bf16) to 1.3x (fp8) faster, into L2 1.2x and 1.6x more
-    (Zen 4). The row-tiled int8/int4 kernel does the same per tile (int8_dot.tile_dot)."""
-    if not ahead:
-        return
-    for wa, e, n in wrows:
+def _prefetch(kb: KernelBuilder, rows: Sequence[WRow], k: E, elems: int) -> None:
+    """Prefetch the `elems` weights at k of each of `rows`, the rows this thread streams next, into L2
+    (kir.Prefetch). Where decoding keeps the core busy (fp8, bf16) the hardware prefetcher falls behind: into L1
+    this lookahead made decode 1.1x (bf16) to 1.3x (fp8) faster, into L2 1.2x and 1.6x more (Zen 4). The
+    row-tiled int8/int4 kernel does the same per tile (int8_dot.tile_dot)."""
+    for wa, e, n in rows:
         width = 0.5 if wa.pk.kind == "i4" else wa.pk.data_dt.itemsize
         nbytes = elems * width
         per_line = max(1, int(64 / width))
         for i in range(max(1, int(nbytes // 64))):
             kk = k + i * per_line
-            kb.prefetch(wa.data, wa._row(e, n + ahead) + (kk if wa.pk.kind != "i4" else kk // 2))
+            kb.prefetch(wa.data, wa._row(e, n) + (kk if wa.pk.kind != "i4" else kk // 2))
 
 
 def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: Sequence[WRow], K: int,
-             ahead: int = 0) -> list[list[E]]:
+             prefetch: Sequence[WRow] = ()) -> list[list[E]]:
     """Emit the K loop for len(xrows) x len(wrows) dot products; returns [m][n] scalar results (read them before
-    emitting anything that reassigns the accumulators). GEMV callers pass `ahead`, the distance in rows to the
-    tile they stream next, to prefetch it."""
+    emitting anything that reassigns the accumulators). GEMV callers pass in `prefetch` the weight rows they
+    stream next (their next tile, the next expert's rows), which are prefetched alongside."""
     MR, NR = len(xrows), len(wrows)
     wa0 = wrows[0][0]
     zero = const(0.0, F32.vec(V))
@@ -73,7 +71,7 @@ def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: S
         if Kv:
             with kb.loop(0, Kv, step=V, name="k") as k:
                 if MR == 1:
-                    _prefetch(kb, wrows, k, V, ahead)
+                    _prefetch(kb, prefetch, k, V)
                 xs = [kb.let(xv(m, k), "xv") for m in range(MR)]
                 ws = [kb.let(wa.raw_vec(e, n, k, V), "wv") for wa, e, n in wrows]
                 for m in range(MR):
@@ -114,7 +112,7 @@ def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: S
         if ng:
             with kb.loop(0, ng, name="g") as g:
                 if MR == 1:
-                    _prefetch(kb, wrows, g * G, G, ahead)
+                    _prefetch(kb, prefetch, g * G, G)
                 scales = [kb.let(wa.scale(e, n, g), "s") for wa, e, n in wrows]
                 chunks(g, G // V, scales)
                 if G % V:
@@ -147,7 +145,8 @@ def gemv(kb: KernelBuilder, V: int, x: tuple[Buf, E], wa: WeightAccess, N: int, 
     if ntiles:
         with kb.loop(0, ntiles, parallel=True, grain=grain_rows(NR, K, wa.pk.bytes_per_weight), name="t") as t:
             n0 = t * NR
-            res = dot_tile(kb, V, [x], [(wa, e, n0 + r) for r in range(NR)], K, ahead=NR)
+            res = dot_tile(kb, V, [x], [(wa, e, n0 + r) for r in range(NR)], K,
+                           prefetch=[(wa, e, n0 + NR + r) for r in range(NR)])
             for r in range(NR):
                 store(n0 + r, res[0][r])
     if N % NR:
@@ -167,7 +166,8 @@ def batched_gemv(kb: KernelBuilder, V: int, M: Operand, x: Callable[[E, E], tupl
         b = kb.let(t // tiles, "b")
         n0 = kb.let(t % tiles * NR, "n")
         with kb.loop(0, M, name="m") as m:
-            res = dot_tile(kb, V, [x(b, m)], [(wa, b, n0 + r) for r in range(NR)], K, ahead=NR)
+            res = dot_tile(kb, V, [x(b, m)], [(wa, b, n0 + r) for r in range(NR)], K,
+                           prefetch=[(wa, b, n0 + NR + r) for r in range(NR)])
             for r in range(NR):
                 store(b, m, n0 + r, res[0][r])
     if rem:

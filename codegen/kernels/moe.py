@@ -24,6 +24,25 @@ def _expert(idx: E, n_experts: int) -> E:
     return minimum(maximum(cast(idx, I64), 0), n_experts - 1)
 
 
+def _next_in_slots(kb: KernelBuilder, ib: Buf, io: E, n_experts: int, k: int, t: E, per_slot: int) -> tuple[E, E]:
+    """(expert, index in its slot) of the work item after t in a region of k slots x per_slot items (threads take
+    contiguous runs of items, so it is what this thread streams next; past the end, the last slot's first)."""
+    nxt = kb.let(t + 1, "tn")
+    return (kb.let(_expert(load(ib, io + minimum(nxt // per_slot, k - 1)), n_experts), "en"),
+            kb.let(nxt % per_slot, "jn"))
+
+
+def _next_in_block(kb: KernelBuilder, ib: Buf, io: E, n_experts: int, k: int, b: E, s: E, j: E,
+                   per_block: int) -> tuple[E, E, E]:
+    """(expert, block, index) of the item after (slot s, item j) of down block b, visited slots outer and items
+    inner; after the last slot, the first slot of block b + 1 (the thread's next block)."""
+    nxt = kb.let(s * per_block + j + 1, "nx")
+    wrap = kb.let(nxt >= k * per_block, "wrap")
+    s2 = where(wrap, const(0, I64), nxt // per_block)
+    return (kb.let(_expert(load(ib, io + s2), n_experts), "en"), kb.let(where(wrap, b + 1, b), "bn"),
+            kb.let(nxt % per_block, "jn"))
+
+
 def _silu_mul(g: E, u: E) -> E:
     return (g * (const(1.0, F32) / (const(1.0, F32) + exp(-g)))) * u
 
@@ -46,8 +65,9 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
         s = kb.let(t // tiles, "s")
         j0 = kb.let((t % tiles) * NR, "j")
         e = kb.let(_expert(load(ib, io + s), gate.E), "e")
+        e2, j2 = _next_in_slots(kb, ib, io, gate.E, k, t, tiles)
         res = dot_tile(kb, V, [(xb, xo)], [(gate, e, j0 + r) for r in range(NR)] + [(up, e, j0 + r) for r in range(NR)], H,
-                       ahead=NR)
+                       prefetch=[(w, e2, j2 * NR + r) for w in (gate, up) for r in range(NR)])
         for r in range(NR):
             kb.store(hbuf, s * I + j0 + r, _silu_mul(res[0][r], res[0][NR + r]))
     if rounded is not None:
@@ -64,7 +84,9 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
                 ws = kb.let(load(wb, wo + s), "ws")
                 with kb.loop(0, RB // NR2, name="t") as t:
                     n0 = kb.let(b * RB + t * NR2, "n")
-                    res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n0 + r) for r in range(NR2)], I, ahead=NR2)
+                    e2, b2, t2 = _next_in_block(kb, ib, io, gate.E, k, b, s, t, RB // NR2)
+                    res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n0 + r) for r in range(NR2)], I,
+                                   prefetch=[(down, e2, b2 * RB + t2 * NR2 + r) for r in range(NR2)])
                     for r in range(NR2):
                         y = kb.let(res[0][r] * ws, "y")
                         kb.store(ob, oo + n0 + r, where(s.eq(0), y, load(ob, oo + n0 + r) + y))
@@ -75,7 +97,8 @@ def moe_decode(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf, E], 
             with kb.loop(0, k, name="s") as s:
                 e = kb.let(_expert(load(ib, io + s), gate.E), "e")
                 ws = kb.let(load(wb, wo + s), "ws")
-                res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n0 + r) for r in range(NR2)], I, ahead=NR2)
+                res = dot_tile(kb, V, [(hbuf, s * I)], [(down, e, n0 + r) for r in range(NR2)], I,
+                               prefetch=[(down, e, n0 + NR2 + r) for r in range(NR2)])
                 for r in range(NR2):
                     kb.set(accs[r], accs[r].v + res[0][r] * ws)
             for r in range(NR2):
@@ -187,7 +210,8 @@ def moe_decode_int8(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf,
         s = kb.let(t // ti, "s")
         j = kb.let(t % ti, "j")
         e = kb.let(_expert(load(ib, io + s), gate.E), "e")
-        res = tile_dot(kb, [(xq, 0)], [(gate, e, j), (up, e, j)], H, ahead=1)
+        e2, j2 = _next_in_slots(kb, ib, io, gate.E, k, t, ti)
+        res = tile_dot(kb, [(xq, 0)], [(gate, e, j), (up, e, j)], H, prefetch=[(gate, e2, j2), (up, e2, j2)])
         kb.store(hbuf, s * Ip + j * TILE, _silu_mul(res[0][0], res[0][1]))
     for s in range(k):
         quantize_row(kb, V, hbuf, s * Ip, I, hq, s)
@@ -210,7 +234,9 @@ def moe_decode_int8(kb: KernelBuilder, V: int, x: tuple[Buf, E], idx: tuple[Buf,
                 ws = kb.let(bcast(load(wb, wo + s), TILE), "ws")
                 with kb.loop(0, BT, name="t") as j:
                     t = kb.let(b * BT + j, "t")
-                    y = kb.let(tile_dot(kb, [(hq, s)], [(down, e, t)], I, ahead=1)[0][0] * ws, "y")
+                    e2, b2, j2 = _next_in_block(kb, ib, io, gate.E, k, b, s, j, BT)
+                    y = kb.let(tile_dot(kb, [(hq, s)], [(down, e, t)], I, prefetch=[(down, e2, b2 * BT + j2)])[0][0] * ws,
+                               "y")
                     kb.store(ob, oo + t * TILE, where(s.eq(0), y, load(ob, oo + t * TILE, TILE) + y))
     if full > blocks * BT:
         with kb.loop(blocks * BT, full, parallel=True, name="t") as t:
