@@ -7,10 +7,11 @@ each group's scale and `offset * sum(values)` for the micro-kernel.
 
 `tile_dot` is the micro-kernel over row-tiled weights (codegen/layout.py, tile 16): for MR input rows and NT
 weight tiles it keeps MR x NT f32 accumulators of 16 lanes (one lane per weight row). Per 32 input elements,
-each tile's bytes are loaded once and feed MR vpdpbusd chains (8 per 32 elements for i8; 4 loads split into
-low/high nibbles for i4) against broadcast quads of input bytes; the chain's i32 sum minus the offset
-correction is converted once and scaled by weight scale x input scale. Weights are offset-binary (u8) because
-vpdpbusd multiplies unsigned by signed bytes: sum((w + o) x) = sum(w x) + o sum(x).
+each tile's bytes are loaded once and feed MR vpdpbusd chains (8 per 32 elements for i8; for i4 4 loads, each
+masked into low nibbles and into high nibbles left in place, x16, which sum in a second chain) against broadcast
+quads of input bytes; the chain's i32 sum minus the offset correction is converted once and scaled by weight
+scale x input scale. Weights are offset-binary (u8) because vpdpbusd multiplies unsigned by signed bytes:
+sum((w + o) x) = sum(w x) + o sum(x).
 """
 from __future__ import annotations
 
@@ -126,12 +127,12 @@ def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequenc
             qr = xs[m][0]
             return bitcast(bcast(load(qr.quads, xbases[m] + b * 8 + j), TILE), I8.vec(4 * TILE))
 
-        def feed(wvecs: list[E], j: int) -> None:
+        def feed(sums: list[list[Optional[E]]], wvecs: list[E], j: int) -> None:
             for m in range(len(xs)):
                 xq = kb.let(quad(m, j), "xb")
                 for t, w in enumerate(wvecs):
-                    prev = isum[m][t] if isum[m][t] is not None else const(0, I32.vec(TILE))
-                    isum[m][t] = dot4(prev, w, xq)
+                    prev = sums[m][t] if sums[m][t] is not None else const(0, I32.vec(TILE))
+                    sums[m][t] = dot4(prev, w, xq)
 
         per_b = QG * TILE // (1 if pk.kind == "i8" else 2)          # bytes of one tile per 32 input elements
         for buf, base in ahead:
@@ -139,12 +140,17 @@ def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequenc
                 kb.prefetch(buf, base + b * per_b + i * 64)
         if pk.kind == "i8":
             for j in range(8):
-                feed([kb.let(load(wa.data, bases[t] + (b * 8 + j) * 64, 64), "w") for t, (wa, _, _) in enumerate(ws)], j)
+                raw = [kb.let(load(wa.data, bases[t] + (b * 8 + j) * 64, 64), "w") for t, (wa, _, _) in enumerate(ws)]
+                feed(isum, raw, j)
         else:
+            # High nibbles stay in place (x16, one AND instead of a byte shift, which x86 lacks) and sum in their own
+            # chain; every product is a multiple of 16, so one exact arithmetic shift per 32 inputs undoes it.
+            hsum: list[list[Optional[E]]] = [[None] * len(ws) for _ in xs]
             for o in range(4):
                 raw = [kb.let(load(wa.data, bases[t] + (b * 4 + o) * 64, 64), "w") for t, (wa, _, _) in enumerate(ws)]
-                feed([kb.let(r & const(15, raw[0].dtype.scalar), "lo") for r in raw], 2 * o)
-                feed([kb.let(r >> const(4, raw[0].dtype.scalar), "hi") for r in raw], 2 * o + 1)
+                feed(isum, [kb.let(r & const(0x0F, raw[0].dtype.scalar), "lo") for r in raw], 2 * o)
+                feed(hsum, [kb.let(r & const(0xF0, raw[0].dtype.scalar), "hi") for r in raw], 2 * o + 1)
+            isum = [[lo + (hi >> const(4, I32)) for lo, hi in zip(los, his)] for los, his in zip(isum, hsum)]
         g = b // per_group if per_group > 1 else b
         scales = [kb.let(cast(load(wa.scale_buf, sbases[t] + g * TILE, TILE), F32.vec(TILE)), "s")
                   for t, (wa, _, _) in enumerate(ws)]
