@@ -115,7 +115,7 @@ def pack_group(members: list, store) -> dict[str, np.ndarray]:
         E, N, K = info["shape"]
         parts: dict[str, list] = {}
         for name in info["stack"]:
-            got_pk, p = pack_weight(store, WeightRef(name, _fmt_of(store, name, pk)), (N, K), pk.tile)
+            got_pk, p = pack_weight(store, WeightRef(name, _fmt_of(store, name, pk)), (N, K), pk)
             if got_pk != pk:
                 raise CompileError(f"expert weight {name} is stored as {got_pk}, others as {pk}; "
                                    f"experts of one MoE layer must share a format")
@@ -123,7 +123,7 @@ def pack_group(members: list, store) -> dict[str, np.ndarray]:
                 parts.setdefault(part, []).append(arr)
         return {part: np.concatenate(arrs, axis=0) for part, arrs in parts.items()}
     got_pk, packed = pack_weight(store, WeightRef(info["weight"], _fmt_of(store, info["weight"], pk)),
-                                 tuple(info["shape"]), pk.tile)
+                                 tuple(info["shape"]), pk)
     if got_pk != pk:
         raise CompileError(f"weight {info['weight']}: layout changed between lowering and packing")
     return packed

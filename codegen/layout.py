@@ -4,6 +4,10 @@ A weight [.., N, K] (leading dims flatten into rows; 1-D weights are one row) is
 
   f32   data f32[N, K]
   bf16  data u16[N, K]                      (top half of an f32; kernels widen by zext + shl 16)
+        paired (`pair` = V, CPU targets, K a multiple of 2V): in each 2V elements of a row, 32-bit word j holds
+        element j in its low half and element j + V in its high one, so one load of V words yields both vectors
+        with one shift (w << 16) and one mask (w & 0xFFFF0000): no widening shuffle, which costs Zen 4 as much as
+        the fma it feeds
   f16   data f16[N, K]
   fp8   data u8[N, K] e4m3 codes            scale f32[ceil(N/br), ceil(K/bc)] = block scale * 256
         (kernels sign-extend a code to 16 bits, shift left 7 and clear bit 14: the f16 with the same exponent
@@ -53,6 +57,7 @@ class Packed:
     rblock: int = 1            # rows per scale
     scale: str = ""            # f32 | f16
     tile: int = 0              # rows interleaved per tile for integer dot products (0: plain rows)
+    pair: int = 0              # bf16: lanes V of the paired layout (0: plain rows)
 
     @property
     def data_dt(self) -> DT:
@@ -102,19 +107,24 @@ class Packed:
         return self.scale_rows(N), self.scale_cols(K)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "group": self.group, "rblock": self.rblock, "scale": self.scale, "tile": self.tile}
+        return {"kind": self.kind, "group": self.group, "rblock": self.rblock, "scale": self.scale, "tile": self.tile,
+                "pair": self.pair}
 
     def __str__(self) -> str:
         text = self.kind + (f"/{self.rblock}x{self.group}:{self.scale}" if self.group else "")
-        return text + (f"/t{self.tile}" if self.tile else "")
+        return text + (f"/t{self.tile}" if self.tile else "") + (f"/p{self.pair}" if self.pair else "")
 
 
 VNNI_TILE = 16
 
 
-def for_target(pk: Packed, target, act: int, shape: tuple = ()) -> Packed:
+def for_target(pk: Packed, target, act: int, shape: tuple) -> Packed:
     """`pk`, row-tiled when the target has int8 dot products and the consumers quantize their input (act=8). A
-    batch of matrices ([B, N, K], tiled as one [B*N, K]) only when N is whole tiles: no tile mixes two matrices."""
+    batch of matrices ([B, N, K], tiled as one [B*N, K]) only when N is whole tiles: no tile mixes two matrices.
+    bf16 matrices are paired on CPU targets where K is whole pairs of vectors."""
+    V = target.vector_width
+    if pk.kind == "bf16" and target.name == "cpu" and len(shape) >= 2 and int(shape[-1]) % (2 * V) == 0:
+        return dataclasses.replace(pk, pair=V)
     if len(shape) > 2 and int(shape[-2]) % VNNI_TILE:
         return pk
     if act == 8 and pk.kind in ("i8", "i4") and pk.group % 32 == 0 and getattr(target, "int8_dot", False):
@@ -191,20 +201,22 @@ def _find_scales(parts: Mapping[str, np.ndarray], want: tuple[int, int], kind: s
     return None
 
 
-def pack_weight(store, ref: WeightRef, shape: tuple, tile: int = 0) -> tuple[Packed, dict[str, np.ndarray]]:
-    """The weight's parts in its compiled layout (see module doc); `tile` as the lowering chose (for_target)."""
+def pack_weight(store, ref: WeightRef, shape: tuple, chosen: Optional[Packed] = None
+                ) -> tuple[Packed, dict[str, np.ndarray]]:
+    """The weight's parts in its compiled layout (see module doc); tiles and pairs as the lowering chose
+    (`chosen`, from for_target)."""
     enc = store.encoded(ref.name) if hasattr(store, "encoded") else None
     parts = enc[1] if enc else None
     fmt = enc[0] if enc else ref.fmt
     pk = packed_format(fmt, parts, shape)
-    if tile:
-        pk = dataclasses.replace(pk, tile=tile)
+    if chosen is not None:
+        pk = dataclasses.replace(pk, tile=chosen.tile, pair=chosen.pair)
     N, K = rows_cols(shape)
     if pk.kind in ("bf16", "f16") and parts:
         for a in parts.values():
             if a.dtype in (np.uint16, np.float16) and a.size == N * K:
                 dt = np.uint16 if pk.kind == "bf16" else np.float16
-                return pk, {"data": np.ascontiguousarray(a).view(dt).reshape(N, K)}
+                return pk, {"data": _paired(pk, np.ascontiguousarray(a).view(dt).reshape(N, K))}
     w = np.ascontiguousarray(f32_uncached(store, ref.name, enc), dtype=np.float32).reshape(N, K)
     return pk, pack_array(pk, w, parts)
 
@@ -231,7 +243,7 @@ def pack_array(pk: Packed, w: np.ndarray, parts: Optional[Mapping[str, np.ndarra
     if pk.kind == "f32":
         return {"data": w}
     if pk.kind == "bf16":
-        return {"data": f32_to_bf16(w)}
+        return {"data": _paired(pk, f32_to_bf16(w))}
     if pk.kind == "f16":
         return {"data": w.astype(np.float16)}
     gs = (pk.scale_rows(N), pk.scale_cols(K))
@@ -269,6 +281,14 @@ def pack_array(pk: Packed, w: np.ndarray, parts: Optional[Mapping[str, np.ndarra
     nib = (padded + 8).astype(np.uint8).reshape(N, gs[1], g // 32, 2, 16)   # [.., half, j]
     packed = (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape(N, gs[1] * g // 2)
     return {"data": packed, "scale": sc}
+
+
+def _paired(pk: Packed, data: np.ndarray) -> np.ndarray:
+    """bf16 codes [N, K] in the paired layout (module doc) when `pk.pair`, else as they are."""
+    if not pk.pair:
+        return data
+    N, K, V = data.shape[0], data.shape[1], pk.pair
+    return np.ascontiguousarray(data.reshape(N, K // (2 * V), 2, V).transpose(0, 1, 3, 2)).reshape(N, K)
 
 
 def _tiled(pk: Packed, q: np.ndarray, sc: np.ndarray, K: int) -> dict[str, np.ndarray]:

@@ -278,9 +278,9 @@ def round_rows(low: Lowerer, kc: KC, rows, K: int, row, what: str) -> View:
 def stacked_weight(low: Lowerer, nodes: list[Node], proj: str) -> tuple[WeightVal, int, int]:
     refs = [n.arg for n in nodes]
     enc = low.store.encoded(refs[0].name) if hasattr(low.store, "encoded") else None
-    pk = for_target(packed_format(enc[0] if enc else refs[0].fmt, enc[1] if enc else None), low.target,
-                    refs[0].fmt.act)
     N, K = int(nodes[0].shape[0]), int(nodes[0].shape[1])
+    pk = for_target(packed_format(enc[0] if enc else refs[0].fmt, enc[1] if enc else None), low.target,
+                    refs[0].fmt.act, (N, K))
     E = len(refs)
     key = f"experts[{refs[0].name}..{refs[-1].name}]"
     info = dict(stack=[r.name for r in refs], shape=[E, N, K], packed=pk.to_json())

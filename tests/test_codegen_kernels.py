@@ -11,6 +11,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from dzc.checkpoint.dtypes import f32_to_bf16
+from dzc.codegen.layout import Packed, for_target, pack_array
 from dzc.codegen.runner import NativeProgram
 from dzc.codegen.target import Target, host_target
 from dzc.ir import quant
@@ -144,12 +146,28 @@ def test_take_topk_ties():
 
 # ---- linear (every format, GEMV and GEMM) and matmul ---------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("n,K,N", [(1, 45, 1), (1, 61, 19), (1, 301, 37), (7, 200, 13), (7, 37, 130), (19, 600, 45)])
+# the last two: K whole vector pairs (paired bf16 rows)
+@pytest.mark.parametrize("n,K,N", [(1, 45, 1), (1, 61, 19), (1, 301, 37), (7, 200, 13), (7, 37, 130), (19, 600, 45),
+                                   (1, 256, 37), (19, 288, 45)])
 def test_linear(fmt, n, K, N):
     store = Store()
     f = store.add("w", f32(N, K) * 0.2, FORMATS[fmt])
     x = input_("x", DType.F32, (T, K) if n > 1 else (1, K))
     check(program("p", [x], {"y": linear(x, weight("w", f, (N, K)))}), store, {"x": f32(n, K)})
+
+
+def test_bf16_pairs_bytes_are_as_documented():
+    """codegen/layout.py: with pair = V, 32-bit word j of each 2V elements holds element j low, element j+V high;
+    K that is not whole pairs stays plain, and only CPU targets pair."""
+    V = host_target().vector_width
+    w = f32(3, 4 * V)
+    pk = for_target(Packed("bf16"), host_target(), 0, w.shape)
+    assert pk.pair == V and for_target(Packed("bf16"), host_target(), 0, (3, 4 * V + 2)).pair == 0
+    words = pack_array(pk, w)["data"].view(np.uint32)
+    plain = f32_to_bf16(w).astype(np.uint32)
+    for c in range(2):
+        for j in range(V):
+            assert words[1, c * V + j] == plain[1, 2 * c * V + j] | plain[1, 2 * c * V + V + j] << 16
 
 
 def e4m3_values() -> np.ndarray:
@@ -306,8 +324,8 @@ def test_mla_attention_over_cache(n, past):
 
 
 # ---- mixture of experts ------------------------------------------------------------------------------------------------------
-def _moe_program(store: Store, fmt: WeightFormat, n_tokens, lowered: bool, H: int = 40):
-    E, I, k = 6, 24, 3
+def _moe_program(store: Store, fmt: WeightFormat, n_tokens, lowered: bool, H: int = 40, I: int = 24):
+    E, k = 6, 3
     experts = []
     for e in range(E):
         trio = []
@@ -335,6 +353,15 @@ def test_moe(fmt, vnni, n, lowered):
     idx = np.stack([RNG.choice(6, 3, replace=False) for _ in range(n)]).astype(np.int32)
     check(prog, store, {"x": f32(n, 40), "idx": idx, "w": np.abs(f32(n, 3))},
           target=None if vnni else without_int8_dot())
+
+
+@pytest.mark.parametrize("n,lowered", [(1, False), (7, False), (7, True)])
+def test_moe_paired_bf16(n, lowered):
+    """H and I whole vector pairs: every expert projection in the paired bf16 layout."""
+    store = Store()
+    prog = _moe_program(store, FORMATS["bf16"], 1 if n == 1 else T, lowered, H=64, I=32)
+    idx = np.stack([RNG.choice(6, 3, replace=False) for _ in range(n)]).astype(np.int32)
+    check(prog, store, {"x": f32(n, 64), "idx": idx, "w": np.abs(f32(n, 3))})
 
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "fp8", "int8-a8", "int4-a8"])

@@ -67,16 +67,19 @@ def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: S
     # the sums * 2^56 undo both (powers of two: results equal the f16 route's)
     fp8_bits = bool(G) and MR == 1 and all(wa.fp8_bits for wa, _, _ in wrows)
     if not G:
-        Kv = K // V * V
+        C = wa0.chunk(V)                # elements decoded together (paired bf16: two vectors per load)
+        assert all(wa.chunk(V) == C for wa, _, _ in wrows)
+        Kv = K // C * C
         if Kv:
-            with kb.loop(0, Kv, step=V, name="k") as k:
+            with kb.loop(0, Kv, step=C, name="k") as k:
                 if MR == 1:
-                    _prefetch(kb, prefetch, k, V)
-                xs = [kb.let(xv(m, k), "xv") for m in range(MR)]
-                ws = [kb.let(wa.raw_vec(e, n, k, V), "wv") for wa, e, n in wrows]
-                for m in range(MR):
-                    for r in range(NR):
-                        kb.set(acc[m][r], fma(xs[m], ws[r], acc[m][r].v))
+                    _prefetch(kb, prefetch, k, C)
+                xs = [[kb.let(xv(m, k + j), "xv") for j in range(0, C, V)] for m in range(MR)]
+                ws = [[kb.let(w, "wv") for w in wa.raw_vecs(e, n, k, V)] for wa, e, n in wrows]
+                for j in range(C // V):
+                    for m in range(MR):
+                        for r in range(NR):
+                            kb.set(acc[m][r], fma(xs[m][j], ws[r][j], acc[m][r].v))
         if K % V:
             add_tail(Kv, K, scaled=False)
     else:
@@ -281,15 +284,16 @@ def gemm_panel(kb: KernelBuilder, V: int, M: E, xrow: Callable[[E], tuple[Buf, E
     def pack(panel: Buf, n0: E, k0: E, KB: int) -> None:
         with kb.loop(0, NB, name="r") as r:
             n = kb.let(minimum(n0 + r, N - 1), "n")           # rows past N repeat the last one; never stored
-            kv = KB // V * V
+            C = wa.chunk(V)
+            kv = KB // C * C
             if kv:
-                with kb.loop(0, kv, step=V, name="kk") as kk:
-                    w = wa.raw_vec(0, n, k0 + kk, V)
-                    if wa.group:
-                        w = w * bcast(wa.scale(0, n, (k0 + kk) // wa.group), V)
-                    w = kb.let(w, "w")
-                    for i in range(V):
-                        kb.store(panel, (kk + i) * NB + r, lane(w, i))
+                with kb.loop(0, kv, step=C, name="kk") as kk:
+                    for j, w in enumerate(wa.raw_vecs(0, n, k0 + kk, V)):
+                        if wa.group:
+                            w = w * bcast(wa.scale(0, n, (k0 + kk) // wa.group), V)
+                        w = kb.let(w, "w")
+                        for i in range(V):
+                            kb.store(panel, (kk + j * V + i) * NB + r, lane(w, i))
             for kk in range(kv, KB):
                 kb.store(panel, kk * NB + r, wa.scalar(0, n, k0 + kk))
 

@@ -1,6 +1,7 @@
 """Reading weights in their compiled layout (codegen/layout.py) inside kernels: scalar and vector decodes.
 
-Vector decodes never materialise a dequantised copy: bf16 widens by zext+shl16, fp8 e4m3 codes become the f16 with
+Vector decodes never materialise a dequantised copy: bf16 widens by zext+shl16 (paired rows: shl16 and a mask
+yield two vectors from one load), fp8 e4m3 codes become the f16 with
 the same exponent/mantissa bits (an exact value/256; the 256 is folded into the block scale) or, in GEMVs on targets
 with fast subnormals, an f32 by integer ops alone (value * 2^-120, exact), int8 sign-extends,
 int4 splits nibbles (low = first 16 of a 32-group, high = last 16). Scales multiply once per group.
@@ -39,13 +40,33 @@ class WeightAccess:
         s = load(self.scale_buf, idx)
         return s if s.dtype == F32 else cast(s, F32)
 
+    def chunk(self, V: int) -> int:
+        """Elements that raw_vecs decodes together: 2V for paired bf16 rows, else V."""
+        return 2 * V if self.pk.pair else V
+
+    def raw_vecs(self, e: Operand, n: Operand, k: Operand, V: int) -> list[E]:
+        """The chunk(V) unscaled values from element k (a multiple of chunk(V)) as vectors of V lanes, in order."""
+        if not self.pk.pair:
+            return [self.raw_vec(e, n, k, V)]
+        assert V == self.pk.pair, (V, self.pk.pair)
+        words = load(Buf(self.data.name, U32, self.data.local), (self._row(e, n) + k) // 2, V)
+        return [bitcast(words << const(16, U32), F32.vec(V)), bitcast(words & const(0xFFFF0000, U32), F32.vec(V))]
+
     def raw_vec(self, e: Operand, n: Operand, k: Operand, lanes: int, half: int = 0) -> E:
         """`lanes` unscaled values starting at element k. For int4 k is (group start + j) with j < 16 and `half`
-        says whether the chunk lies in the group's second 16 (high nibbles)."""
+        says whether the chunk lies in the group's second 16 (high nibbles). Paired bf16 rows: one value, or a
+        vector at a static k."""
         kind, base = self.pk.kind, self._row(e, n)
         if kind == "f32":
             return load(self.data, base + k, lanes)
+        if kind == "bf16" and self.pk.pair and lanes > 1:
+            assert isinstance(k, int) and lanes == self.pk.pair and k % lanes == 0, (k, lanes)
+            return self.raw_vecs(e, n, k - k % (2 * lanes), lanes)[k // lanes % 2]
         if kind == "bf16":
+            if self.pk.pair:
+                V = self.pk.pair
+                k = _lift(k, None)
+                k = k - k % (2 * V) + k % V * 2 + k % (2 * V) // V
             w = cast(load(self.data, base + k, lanes), U32.vec(lanes)) << const(16, U32)
             return bitcast(w, F32.vec(lanes))
         if kind == "f16":
