@@ -6,8 +6,8 @@ A weight [.., N, K] (leading dims flatten into rows; 1-D weights are one row) is
   bf16  data u16[N, K]                      (top half of an f32; kernels widen by zext + shl 16)
         paired (`pair` = V, CPU targets, K a multiple of 2V): in each 2V elements of a row, 32-bit word j holds
         element j in its low half and element j + V in its high one, so one load of V words yields both vectors
-        with one shift (w << 16) and one mask (w & 0xFFFF0000): no widening shuffle, which costs Zen 4 as much as
-        the fma it feeds
+        with one shift (w << 16) and one mask (w & 0xFFFF0000): no widening shuffle, which competes with the fma
+        for the vector ports (bf16 decode 1.2x on Emerald Rapids)
   f16   data f16[N, K]
   fp8   data u8[N, K] e4m3 codes            scale f32[ceil(N/br), ceil(K/bc)] = block scale * 256
         (kernels sign-extend a code to 16 bits, shift left 7 and clear bit 14: the f16 with the same exponent
