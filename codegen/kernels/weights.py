@@ -1,10 +1,10 @@
 """Reading weights in their compiled layout (codegen/layout.py) inside kernels: scalar and vector decodes.
 
 Vector decodes never materialise a dequantised copy: bf16 widens by zext+shl16 (paired rows: shl16 and a mask
-yield two vectors from one load), fp8 e4m3 codes become the f16 with
-the same exponent/mantissa bits (an exact value/256; the 256 is folded into the block scale) or, in GEMVs on targets
-with fast subnormals, an f32 by integer ops alone (value * 2^-120, exact), int8 sign-extends,
-int4 splits nibbles (low = first 16 of a 32-group, high = last 16). Scales multiply once per group.
+yield two vectors from one load), fp8 e4m3 codes become the f16 with the same exponent/mantissa bits (an exact
+value/256; the 256 is folded into the block scale) or, in GEMVs on targets with fast subnormals, an f32 by integer
+ops alone (value * 2^-120, exact), int8 sign-extends, int4 splits nibbles (low = first 16 of a 32-group, high =
+last 16). Scales multiply once per group.
 """
 from __future__ import annotations
 
