@@ -111,15 +111,18 @@ def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequenc
     wa0 = ws[0][0]
     pk = wa0.pk
     Kp = pk.scale_cols(K) * pk.group
-    nb, per_group = Kp // QG, pk.group // QG
-    G = Kp // QG
+    nb, per_group = Kp // QG, pk.group // QG          # input groups of 32, and per weight scale
     zero = const(0.0, F32.vec(TILE))
     acc = [[kb.reg(zero, "acc") for _ in ws] for _ in xs]
     tile_bytes = TILE * pk.row_elems(K)
-    bases = [kb.let((e * wa.pk.tiles(wa.N) + t) * tile_bytes, "wt") for wa, e, t in ws]
-    sbases = [kb.let((e * wa.pk.tiles(wa.N) + t) * (pk.scale_cols(K) * TILE), "st") for wa, e, t in ws]
+
+    def tile_index(wa: WeightAccess, e: Operand, t: Operand) -> E:
+        return e * wa.pk.tiles(wa.N) + t
+
+    bases = [kb.let(tile_index(wa, e, t) * tile_bytes, "wt") for wa, e, t in ws]
+    sbases = [kb.let(tile_index(wa, e, t) * (pk.scale_cols(K) * TILE), "st") for wa, e, t in ws]
     xbases = [kb.let(r * (Kp // 4), "xq") for _, r in xs]
-    ahead = [(wa.data, kb.let((e * wa.pk.tiles(wa.N) + t) * tile_bytes, "pf")) for wa, e, t in prefetch]
+    ahead = [(wa.data, kb.let(tile_index(wa, e, t) * tile_bytes, "pf")) for wa, e, t in prefetch]
     with kb.loop(0, nb, name="b") as b:
         isum: list[list[Optional[E]]] = [[None] * len(ws) for _ in xs]
 
@@ -155,8 +158,8 @@ def tile_dot(kb: KernelBuilder, xs: Sequence[tuple[QRows, Operand]], ws: Sequenc
         scales = [kb.let(cast(load(wa.scale_buf, sbases[t] + g * TILE, TILE), F32.vec(TILE)), "s")
                   for t, (wa, _, _) in enumerate(ws)]
         for m, (qr, r) in enumerate(xs):
-            d = kb.let(load(qr.scale, r * G + b), "dx")
-            c = kb.let(load(qr.corr, r * G + b), "cx")
+            d = kb.let(load(qr.scale, r * nb + b), "dx")
+            c = kb.let(load(qr.corr, r * nb + b), "cx")
             for t in range(len(ws)):
                 exact = cast(isum[m][t] - bcast(c, TILE), F32.vec(TILE))
                 kb.set(acc[m][t], fma(exact, scales[t] * bcast(d, TILE), acc[m][t].v))

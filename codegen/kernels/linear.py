@@ -80,7 +80,7 @@ def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: S
                     for m in range(MR):
                         for r in range(NR):
                             kb.set(acc[m][r], fma(xs[m][j], ws[r][j], acc[m][r].v))
-        if K % V:
+        if Kv < K:
             add_tail(Kv, K, scaled=False)
     else:
         ng, rem = K // G, K % G
