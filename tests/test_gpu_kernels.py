@@ -15,6 +15,7 @@ import shutil
 import pytest
 
 import test_codegen_kernels as K
+from test_codegen_kernels import _per_test_rng  # noqa: F401  (autouse: the same per-test data as the CPU tests)
 
 
 def _opencl_ok() -> bool:
