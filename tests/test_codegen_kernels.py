@@ -317,20 +317,22 @@ def test_attention(hk, n, past):
     check(program("p", [q, k, v, pos, past_rows], {"o": att}), Store(), feed)
 
 
+# (5, 40, 16): one head per work item, vector tails; (16, 512, 64): DeepSeek-V3-Lite's shape, head tiles of 4
+@pytest.mark.parametrize("H,C,R", [(5, 40, 16), (16, 512, 64)])
 @pytest.mark.parametrize("n,past", [(1, 70), (7, 0), (7, 19)])
-def test_mla_attention_over_cache(n, past):
-    q_lat = input_("q_lat", DType.F32, (T, 5, 40))
-    q_pe = input_("q_pe", DType.F32, (T, 5, 16))
-    lat_new = input_("lat_new", DType.F32, (T, 40))
-    cache = input_("cache.0.latent", DType.F32, (P, 40))
-    kpe = input_("k_pe", DType.F32, (P + T, 16))
+def test_mla_attention_over_cache(n, past, H, C, R):
+    q_lat = input_("q_lat", DType.F32, (T, H, C))
+    q_pe = input_("q_pe", DType.F32, (T, H, R))
+    lat_new = input_("lat_new", DType.F32, (T, C))
+    cache = input_("cache.0.latent", DType.F32, (P, C))
+    kpe = input_("k_pe", DType.F32, (P + T, R))
     pos = input_("positions", DType.I32, (T,))
     lat_all = concat([cache, lat_new * 1.0], 0)
     att = Tensor(make(Op.MLA_ATTENTION, [q_lat.node, q_pe.node, lat_all.node, kpe.node, pos.node], 0.2))
     prog = program("p", [q_lat, q_pe, lat_new, cache, kpe, pos], {"o": att, "cache.0.latent": lat_new * 1.0})
-    capacity = f32(past + n + 5, 40)
-    feed = {"q_lat": f32(n, 5, 40), "q_pe": f32(n, 5, 16), "lat_new": f32(n, 40), "cache.0.latent": capacity,
-            "k_pe": f32(past + n, 16), "positions": np.arange(past, past + n, dtype=np.int32)}
+    capacity = f32(past + n + 5, C)
+    feed = {"q_lat": f32(n, H, C) * 0.2, "q_pe": f32(n, H, R), "lat_new": f32(n, C), "cache.0.latent": capacity,
+            "k_pe": f32(past + n, R), "positions": np.arange(past, past + n, dtype=np.int32)}
     check(prog, Store(), feed, cache_rows={"cache.0.latent": past})
 
 

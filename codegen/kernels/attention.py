@@ -2,16 +2,19 @@
 
 ATTENTION: one work item per (query, head); keys in blocks of B: scores into a stack array, one max/rescale per
 block, then the value rows accumulate into a stack accumulator (a few vectors of it at a time, in registers
-across the whole key block). MLA_ATTENTION (absorbed MLA over the latent
-cache): one work item per (query, block of HB heads), heads inside the key block so each block of latent rows is
-read from memory once and reused from cache by all HB heads. Key j is visible to query i iff j <= positions[i].
+across the whole key block). MLA_ATTENTION (absorbed MLA over the latent cache): one work item per (query, block
+of HB heads); per key block, scores and the value sum are register-tiled small GEMMs over the HB heads, so each
+block of latent rows is read from memory once and each loaded vector feeds several heads. Key j is visible to
+query i iff j <= positions[i].
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from dzc.codegen.builder import KernelBuilder
-from dzc.codegen.kir import Buf, E, F32, I64, bcast, cast, const, exp, fma, load, maximum, minimum, reduce_add
+from dzc.codegen.kir import (
+    Buf, E, F32, I32, I64, bcast, bitcast, cast, const, exp, fma, lane, load, maximum, minimum, reduce_add, reduce_max,
+    round_even, where)
 
 NEG_INF = float("-inf")
 
@@ -82,58 +85,83 @@ def attention(kb: KernelBuilder, V: int, q: tuple[Buf, E, E, E], k: tuple[Buf, E
             kb.store(out, obase + d, load(acc, d) * inv)
 
 
+def exp_poly(x: E) -> E:
+    """exp of an f32 vector from fmas and integer ops (x = n ln2 + f, e^f by a degree-6 polynomial, 2^n in the
+    exponent bits): within 2.7 ulp of exp for x in [-87, 88] (measured on 2^20 points), 0 below -87, NaN for NaN.
+    A scalar libm exp costs a call per lane and spills every vector register around it; this keeps attention's
+    softmax inside the vector loop."""
+    lanes = x.dtype.count
+    c = x.dtype
+    xc = minimum(maximum(x, const(-87.0, F32)), const(88.0, F32))
+    n = round_even(xc * const(1.4426950408889634, F32))
+    f = fma(n, const(-0.693145751953125, F32), xc)               # ln 2 in two parts: n * hi is exact
+    f = fma(n, const(-1.428606765330187e-06, F32), f)
+    p = const(1.0 / 720, F32)
+    for coef in (1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        p = fma(p, f, const(coef, F32))
+    bits = (cast(n, I32.vec(lanes)) + const(127, I32)) << const(23, I32)
+    y = where(x < const(-87.0, F32), const(0.0, F32), p * bitcast(bits, c))
+    return where(x.ne(x), x, y)            # min/max above drop NaNs
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
 def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: tuple[Buf, E, E, E],
                   lat: tuple[Buf, E, E], kpe: tuple[Buf, E, E], pos: tuple[Buf, E], out: tuple[Buf, E], N: E, H: int,
-                  S: E, C: int, R: int, scale: float, B: int = 8, HB: int = 0) -> None:
-    """q_lat/q_pe = (buffer, offset, stride axis 0, stride axis 1); lat/kpe = (buffer, offset, row stride)."""
+                  S: E, C: int, R: int, scale: float, HB: int = 0) -> None:
+    """q_lat/q_pe = (buffer, offset, stride axis 0, stride axis 1); lat/kpe = (buffer, offset, row stride).
+
+    The absorbed form is two small GEMMs per key block with the HB heads of a work item as rows: scores
+    [HB, B] = q . [latent | k_pe] and acc [HB, C] += p . latent. Both run as register tiles of MH heads x 4
+    (keys, or vectors of C), so every latent vector loaded feeds MH heads and every query vector 4 keys; the
+    softmax runs on whole vectors of a head's B scores (exp_poly)."""
     qb, qo, qs0, qs1 = q_lat
     pb_, po_, ps0, ps1 = q_pe
     lb, lo, ls = lat
     kb_, ko, ks = kpe
     posb, poso = pos
     out, oo = out
-    if HB <= 0:   # heads per work item: their accumulators fit in L1/L2, and decode still has >= 2 items
-        HB = max(1, min(H, 8192 // max(1, C), -(-H // 2)))
-    nhb = -(-H // HB)
+    if HB <= 0:   # heads per work item (a divisor of H): accumulators fit in L1/L2, decode still has >= 2 items
+        HB = _divisor_at_most(H, min(8192 // max(1, C), -(-H // 2)))
+    MH, NK, U = 4, 4, 4                      # heads per tile, keys per score tile, accumulator vectors per head
+    B = max(16, V)                           # keys per block: whole vectors of scores (32 or 64: no faster)
+    htiles = [(h, min(MH, HB - h)) for h in range(0, HB, MH)]
+    nhb = H // HB
     with kb.loop(0, N * nhb, parallel=True, name="it") as it:
         n = kb.let(it // nhb, "n")
         h0 = kb.let((it % nhb) * HB, "h0")
-        hcount = kb.let(minimum(HB, H - h0), "hc")
         limit = kb.let(minimum(cast(load(posb, poso + n), I64) + 1, S), "lim")
         m = kb.local(F32, HB, "m")
         l = kb.local(F32, HB, "l")
+        corr = kb.local(F32, HB, "corr")
         acc = kb.local(F32, HB * C, "acc")
-        sc = kb.local(F32, B, "sc")
+        sc = kb.local(F32, HB * B, "sc")
         with kb.loop(0, HB, name="hh") as hh:
             kb.store(m, hh, const(NEG_INF, F32))
             kb.store(l, hh, const(0.0, F32))
         with kb.loop(0, HB * C, name="d") as d:
             kb.store(acc, d, const(0.0, F32))
+        qrow = [kb.let(qo + n * qs0 + (h0 + hh) * qs1, "qo") for hh in range(HB)]
+        prow = [kb.let(po_ + n * ps0 + (h0 + hh) * ps1, "po") for hh in range(HB)]
         with kb.loop(0, limit, step=B, name="j") as j0:
             jn = kb.let(minimum(B, limit - j0), "jn")
-            with kb.loop(0, hcount, name="hh") as hh:
-                h = kb.let(h0 + hh, "h")
-                qoff = kb.let(qo + n * qs0 + h * qs1, "qo")
-                poff = kb.let(po_ + n * ps0 + h * ps1, "po")
-                bm = kb.reg(const(NEG_INF, F32), "bm")
-                with kb.loop(0, jn, name="jj") as jj:
-                    j = j0 + jj
-                    s = vdot(V, qb, qoff, lb, lo + j * ls, C) + vdot(V, pb_, poff, kb_, ko + j * ks, R)
-                    s = kb.let(s * const(scale, F32), "s")
-                    kb.store(sc, jj, s)
-                    kb.set(bm, maximum(bm.v, s))
-                mold = kb.let(load(m, hh), "mo")
-                mnew = kb.let(maximum(mold, bm.v), "mn")
-                corr = kb.let(exp(mold - mnew), "corr")
-                lacc = kb.reg(load(l, hh) * corr, "l")
-                with kb.loop(0, jn, name="jj") as jj:
-                    p = kb.let(exp(load(sc, jj) - mnew), "p")
-                    kb.store(sc, jj, p)
-                    kb.set(lacc, lacc.v + p)
-                _accumulate_rows(kb, V, acc, hh * C, C, corr, sc, jn, lambda jj: lo + (j0 + jj) * ls, lb)
-                kb.store(l, hh, lacc.v)
-                kb.store(m, hh, mnew)
-        with kb.loop(0, hcount, name="hh") as hh:
+            full = kb.let(jn // NK * NK, "jf")
+            for ht, mh in htiles:
+                with kb.loop(0, full, step=NK, name="jj") as jj:
+                    _score_tile(kb, V, qrow[ht:ht + mh], prow[ht:ht + mh], [j0 + jj + t for t in range(NK)],
+                                qb, pb_, lb, lo, ls, kb_, ko, ks, C, R, scale, sc, [(ht + i) * B for i in range(mh)],
+                                jj, ahead=B if ht == 0 else 0)
+                with kb.loop(full, jn, name="jj") as jj:
+                    _score_tile(kb, V, qrow[ht:ht + mh], prow[ht:ht + mh], [j0 + jj], qb, pb_, lb, lo, ls, kb_, ko,
+                                ks, C, R, scale, sc, [(ht + i) * B for i in range(mh)], jj)
+            with kb.loop(0, HB, name="hh") as hh:
+                _softmax_block(kb, V, sc, hh * B, B, jn, m, l, corr, hh)
+            for ht, mh in htiles:
+                _accumulate_heads(kb, V, acc, [(ht + i) * C for i in range(mh)], C, corr, [ht + i for i in range(mh)],
+                                  sc, [(ht + i) * B for i in range(mh)], jn, lambda jj: lo + (j0 + jj) * ls, lb, U)
+        with kb.loop(0, HB, name="hh") as hh:
             inv = kb.let(const(1.0, F32) / load(l, hh), "inv")
             obase = kb.let(oo + (n * H + h0 + hh) * C, "ob")
             aoff = kb.let(hh * C, "ao")
@@ -141,6 +169,92 @@ def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: t
                 kb.store(out, obase + c * V, load(acc, aoff + c * V, V) * inv)
             for d in range(C // V * V, C):
                 kb.store(out, obase + d, load(acc, aoff + d) * inv)
+
+
+def _score_tile(kb: KernelBuilder, V: int, qrows: list[E], prows: list[E], keys: list[E], qb: Buf, pb: Buf, lb: Buf,
+                lo: E, ls: E, kpb: Buf, ko: E, ks: E, C: int, R: int, scale: float, sc: Buf, sc_rows: list[int],
+                col: E, ahead: int = 0) -> None:
+    """sc[sc_rows[i] + col + t] = scale * (q_lat[i] . latent[keys[t]] + q_pe[i] . k_pe[keys[t]]) for a tile of
+    len(qrows) heads x len(keys) keys: one accumulator vector per pair, each loaded vector used by the whole tile.
+    `ahead` > 0 prefetches the rows of keys + ahead (the next block's), a line per row per vector: rows are a few
+    KB apart, too short for the hardware prefetcher to ramp up on each."""
+    zero = const(0.0, F32.vec(V))
+    accs = [[kb.reg(zero, "s") for _ in keys] for _ in qrows]
+    tails = [[const(0.0, F32) for _ in keys] for _ in qrows]
+    for qs, qbuf, kbuf, koff, kstride, D in ((qrows, qb, lb, lo, ls, C), (prows, pb, kpb, ko, ks, R)):
+        krows = [kb.let(koff + key * kstride, "kr") for key in keys]
+        if D // V:
+            with kb.loop(0, D // V * V, step=V, name="c") as c:
+                if ahead:
+                    for r in krows:
+                        kb.prefetch(kbuf, r + ahead * kstride + c)
+                qv = [kb.let(load(qbuf, q + c, V), "q") for q in qs]
+                kv = [kb.let(load(kbuf, r + c, V), "k") for r in krows]
+                for i, q in enumerate(qv):
+                    for t, k in enumerate(kv):
+                        kb.set(accs[i][t], fma(q, k, accs[i][t].v))
+        for d in range(D // V * V, D):
+            for i, q in enumerate(qs):
+                for t, r in enumerate(krows):
+                    tails[i][t] = fma(load(qbuf, q + d), load(kbuf, r + d), tails[i][t])
+    for i in range(len(qrows)):
+        for t in range(len(keys)):
+            kb.store(sc, sc_rows[i] + col + t, (reduce_add(accs[i][t].v) + tails[i][t]) * const(scale, F32))
+
+
+def _softmax_block(kb: KernelBuilder, V: int, sc: Buf, row: E, B: int, jn: E, m: Buf, l: Buf, corr: Buf,
+                   hh: E) -> None:
+    """Online softmax step for one head: the block's jn scores at sc[row:] become probabilities (0 past jn) against
+    the running max m[hh]; l[hh] and the accumulator's rescale factor corr[hh] follow."""
+    with kb.loop(jn, B, name="jt") as jt:
+        kb.store(sc, row + jt, const(NEG_INF, F32))
+    vecs = [kb.let(load(sc, row + c, V), "sv") for c in range(0, B, V)]
+    bm = vecs[0]
+    for v in vecs[1:]:
+        bm = maximum(bm, v)
+    mold = kb.let(load(m, hh), "mo")
+    mnew = kb.let(maximum(mold, reduce_max(bm)), "mn")
+    f = kb.let(lane(exp_poly(bcast(mold - mnew, V)), 0), "corr")     # a libm call would spill every register
+    total = None
+    for c, v in zip(range(0, B, V), vecs):
+        p = kb.let(exp_poly(v - bcast(mnew, V)), "p")
+        kb.store(sc, row + c, p)
+        total = p if total is None else total + p
+    kb.store(l, hh, load(l, hh) * f + reduce_add(total))
+    kb.store(corr, hh, f)
+    kb.store(m, hh, mnew)
+
+
+def _accumulate_heads(kb: KernelBuilder, V: int, acc: Buf, arows: list[int], C: int, corr: Buf, heads: list[int],
+                      p: Buf, prows: list[int], jn: E, row: Callable[[E], E], rows: Buf, U: int) -> None:
+    """acc[arows[i] + c] = acc[arows[i] + c] * corr[heads[i]] + sum_{jj < jn} p[prows[i] + jj] * rows[row(jj) + c]
+    for c < C: a tile of len(heads) heads x u vectors of C in registers across the key block, each latent vector
+    loaded once for all heads of the tile."""
+    fs = [kb.let(load(corr, h), "cf") for h in heads]
+    nvec = C // V
+    for lo_, hi, u in ((0, nvec // U * U, U), (nvec // U * U, nvec, 1)):
+        if hi <= lo_:
+            continue
+        with kb.loop(lo_, hi, step=u, name="cv") as cv:
+            base = kb.let(cv * V, "c")
+            regs = [[kb.reg(load(acc, a + base + k * V, V) * bcast(f, V), "a") for k in range(u)]
+                    for a, f in zip(arows, fs)]
+            with kb.loop(0, jn, name="jj") as jj:
+                r0 = kb.let(row(jj) + base, "r")
+                lv = [kb.let(load(rows, r0 + k * V, V), "lv") for k in range(u)]
+                for i, pr in enumerate(prows):
+                    pj = kb.let(bcast(load(p, pr + jj), V), "p")
+                    for k in range(u):
+                        kb.set(regs[i][k], fma(lv[k], pj, regs[i][k].v))
+            for a, rs in zip(arows, regs):
+                for k, r in enumerate(rs):
+                    kb.store(acc, a + base + k * V, r.v)
+    for d in range(nvec * V, C):
+        for a, f, pr in zip(arows, fs, prows):
+            r = kb.reg(load(acc, a + d) * f, "a")
+            with kb.loop(0, jn, name="jj") as jj:
+                kb.set(r, fma(load(rows, row(jj) + d), load(p, pr + jj), r.v))
+            kb.store(acc, a + d, r.v)
 
 
 def _accumulate_rows(kb: KernelBuilder, V: int, acc: Buf, aoff: E, C: int, corr: E, p: Buf, jn: E,
