@@ -74,8 +74,8 @@ def attention(kb: KernelBuilder, V: int, q: tuple[Buf, E, E, E], k: tuple[Buf, E
                 p = kb.let(exp(load(sc, jj) - mnew), "p")
                 kb.store(sc, jj, p)
                 kb.set(l, l.v + p)
-            _accumulate_rows(kb, V, acc, const(0, I64), Dv, corr, sc, jn,
-                             lambda jj: vo + (j0 + jj) * vs0 + kh * vs1, vb)
+            _accumulate_heads(kb, V, acc, [const(0, I64)], Dv, [corr], sc, [0], jn,
+                              lambda jj: vo + (j0 + jj) * vs0 + kh * vs1, vb)
             kb.set(m, mnew)
         inv = kb.let(const(1.0, F32) / l.v, "inv")
         obase = kb.let(oo + (n * H + h) * Dv, "ob")
@@ -159,8 +159,9 @@ def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: t
             with kb.loop(0, HB, name="hh") as hh:
                 _softmax_block(kb, V, sc, hh * B, B, jn, m, l, corr, hh)
             for ht, mh in htiles:
-                _accumulate_heads(kb, V, acc, [(ht + i) * C for i in range(mh)], C, corr, [ht + i for i in range(mh)],
-                                  sc, [(ht + i) * B for i in range(mh)], jn, lambda jj: lo + (j0 + jj) * ls, lb, U)
+                fs = [kb.let(load(corr, ht + i), "cf") for i in range(mh)]
+                _accumulate_heads(kb, V, acc, [(ht + i) * C for i in range(mh)], C, fs, sc,
+                                  [(ht + i) * B for i in range(mh)], jn, lambda jj: lo + (j0 + jj) * ls, lb, U)
         with kb.loop(0, HB, name="hh") as hh:
             inv = kb.let(const(1.0, F32) / load(l, hh), "inv")
             obase = kb.let(oo + (n * H + h0 + hh) * C, "ob")
@@ -225,12 +226,11 @@ def _softmax_block(kb: KernelBuilder, V: int, sc: Buf, row: E, B: int, jn: E, m:
     kb.store(m, hh, mnew)
 
 
-def _accumulate_heads(kb: KernelBuilder, V: int, acc: Buf, arows: list[int], C: int, corr: Buf, heads: list[int],
-                      p: Buf, prows: list[int], jn: E, row: Callable[[E], E], rows: Buf, U: int) -> None:
-    """acc[arows[i] + c] = acc[arows[i] + c] * corr[heads[i]] + sum_{jj < jn} p[prows[i] + jj] * rows[row(jj) + c]
-    for c < C: a tile of len(heads) heads x u vectors of C in registers across the key block, each latent vector
-    loaded once for all heads of the tile."""
-    fs = [kb.let(load(corr, h), "cf") for h in heads]
+def _accumulate_heads(kb: KernelBuilder, V: int, acc: Buf, arows: list, C: int, fs: list[E], p: Buf, prows: list,
+                      jn: E, row: Callable[[E], E], rows: Buf, U: int = 4) -> None:
+    """acc[arows[i] + c] = acc[arows[i] + c] * fs[i] + sum_{jj < jn} p[prows[i] + jj] * rows[row(jj) + c] for
+    c < C: a tile of len(fs) heads x U vectors of C in registers across the whole key block (one load and store
+    per block, not per key), each value row vector loaded once for all heads of the tile."""
     nvec = C // V
     for lo_, hi, u in ((0, nvec // U * U, U), (nvec // U * U, nvec, 1)):
         if hi <= lo_:
@@ -255,28 +255,3 @@ def _accumulate_heads(kb: KernelBuilder, V: int, acc: Buf, arows: list[int], C: 
             with kb.loop(0, jn, name="jj") as jj:
                 kb.set(r, fma(load(rows, row(jj) + d), load(p, pr + jj), r.v))
             kb.store(acc, a + d, r.v)
-
-
-def _accumulate_rows(kb: KernelBuilder, V: int, acc: Buf, aoff: E, C: int, corr: E, p: Buf, jn: E,
-                     row: Callable[[E], E], rows: Buf, U: int = 4) -> None:
-    """acc[aoff + c] = acc[aoff + c] * corr + sum_{jj < jn} p[jj] * rows[row(jj) + c] for c < C: U vectors of the
-    accumulator stay in registers across the whole key block (one load and store per block, not per key)."""
-    nvec = C // V
-    for lo, hi, u in ((0, nvec // U * U, U), (nvec // U * U, nvec, 1)):
-        if hi <= lo:
-            continue
-        with kb.loop(lo, hi, step=u, name="cv") as cv:
-            base = kb.let(cv * V, "c")
-            regs = [kb.reg(load(acc, aoff + base + i * V, V) * corr, "a") for i in range(u)]
-            with kb.loop(0, jn, name="jj") as jj:
-                pj = kb.let(bcast(load(p, jj), V), "p")
-                r0 = kb.let(row(jj) + base, "r")
-                for i, r in enumerate(regs):
-                    kb.set(r, fma(load(rows, r0 + i * V, V), pj, r.v))
-            for i, r in enumerate(regs):
-                kb.store(acc, aoff + base + i * V, r.v)
-    for d in range(nvec * V, C):
-        r = kb.reg(load(acc, aoff + d) * corr, "a")
-        with kb.loop(0, jn, name="jj") as jj:
-            kb.set(r, fma(load(rows, row(jj) + d), load(p, jj), r.v))
-        kb.store(acc, aoff + d, r.v)
