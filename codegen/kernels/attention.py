@@ -91,7 +91,6 @@ def exp_poly(x: E) -> E:
     A scalar libm exp costs a call per lane and spills every vector register around it; this keeps attention's
     softmax inside the vector loop."""
     lanes = x.dtype.count
-    c = x.dtype
     xc = minimum(maximum(x, const(-87.0, F32)), const(88.0, F32))
     n = round_even(xc * const(1.4426950408889634, F32))
     f = fma(n, const(-0.693145751953125, F32), xc)               # ln 2 in two parts: n * hi is exact
@@ -100,7 +99,7 @@ def exp_poly(x: E) -> E:
     for coef in (1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
         p = fma(p, f, const(coef, F32))
     bits = (cast(n, I32.vec(lanes)) + const(127, I32)) << const(23, I32)
-    y = where(x < const(-87.0, F32), const(0.0, F32), p * bitcast(bits, c))
+    y = where(x < const(-87.0, F32), const(0.0, F32), p * bitcast(bits, x.dtype))
     return where(x.ne(x), x, y)            # min/max above drop NaNs
 
 
@@ -120,7 +119,6 @@ def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: t
     qb, qo, qs0, qs1 = q_lat
     pb_, po_, ps0, ps1 = q_pe
     lb, lo, ls = lat
-    kb_, ko, ks = kpe
     posb, poso = pos
     out, oo = out
     if HB <= 0:   # heads per work item (a divisor of H): accumulators fit in L1/L2, decode still has >= 2 items
@@ -149,13 +147,13 @@ def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: t
             jn = kb.let(minimum(B, limit - j0), "jn")
             full = kb.let(jn // NK * NK, "jf")
             for ht, mh in htiles:
+                parts = [(qb, qrow[ht:ht + mh], lat), (pb_, prow[ht:ht + mh], kpe)]
+                rows = [(ht + i) * B for i in range(mh)]
                 with kb.loop(0, full, step=NK, name="jj") as jj:
-                    _score_tile(kb, V, qrow[ht:ht + mh], prow[ht:ht + mh], [j0 + jj + t for t in range(NK)],
-                                qb, pb_, lb, lo, ls, kb_, ko, ks, C, R, scale, sc, [(ht + i) * B for i in range(mh)],
-                                jj, ahead=B if ht == 0 else 0)
+                    _score_tile(kb, V, parts, [j0 + jj + t for t in range(NK)], (C, R), scale, sc, rows, jj,
+                                ahead=B if ht == 0 else 0)
                 with kb.loop(full, jn, name="jj") as jj:
-                    _score_tile(kb, V, qrow[ht:ht + mh], prow[ht:ht + mh], [j0 + jj], qb, pb_, lb, lo, ls, kb_, ko,
-                                ks, C, R, scale, sc, [(ht + i) * B for i in range(mh)], jj)
+                    _score_tile(kb, V, parts, [j0 + jj], (C, R), scale, sc, rows, jj)
             with kb.loop(0, HB, name="hh") as hh:
                 _softmax_block(kb, V, sc, hh * B, B, jn, m, l, corr, hh)
             for ht, mh in htiles:
@@ -172,17 +170,18 @@ def mla_attention(kb: KernelBuilder, V: int, q_lat: tuple[Buf, E, E, E], q_pe: t
                 kb.store(out, obase + d, load(acc, aoff + d) * inv)
 
 
-def _score_tile(kb: KernelBuilder, V: int, qrows: list[E], prows: list[E], keys: list[E], qb: Buf, pb: Buf, lb: Buf,
-                lo: E, ls: E, kpb: Buf, ko: E, ks: E, C: int, R: int, scale: float, sc: Buf, sc_rows: list[int],
-                col: E, ahead: int = 0) -> None:
-    """sc[sc_rows[i] + col + t] = scale * (q_lat[i] . latent[keys[t]] + q_pe[i] . k_pe[keys[t]]) for a tile of
-    len(qrows) heads x len(keys) keys: one accumulator vector per pair, each loaded vector used by the whole tile.
+def _score_tile(kb: KernelBuilder, V: int, parts: list[tuple[Buf, list[E], tuple[Buf, E, E]]], keys: list[E],
+                dims: tuple[int, ...], scale: float, sc: Buf, sc_rows: list[int], col: E, ahead: int = 0) -> None:
+    """sc[sc_rows[i] + col + t] = scale * sum over parts (q buffer, head row offsets, (key buffer, offset, row
+    stride)) of q[i] . key[keys[t]], each part `dims` long (latent, then k_pe), for a tile of heads x len(keys)
+    keys: one accumulator vector per pair, each loaded vector used by the whole tile.
     `ahead` > 0 prefetches the rows of keys + ahead (the next block's), a line per row per vector: rows are a few
     KB apart, too short for the hardware prefetcher to ramp up on each."""
     zero = const(0.0, F32.vec(V))
-    accs = [[kb.reg(zero, "s") for _ in keys] for _ in qrows]
-    tails = [[const(0.0, F32) for _ in keys] for _ in qrows]
-    for qs, qbuf, kbuf, koff, kstride, D in ((qrows, qb, lb, lo, ls, C), (prows, pb, kpb, ko, ks, R)):
+    heads = len(parts[0][1])
+    accs = [[kb.reg(zero, "s") for _ in keys] for _ in range(heads)]
+    tails = [[const(0.0, F32) for _ in keys] for _ in range(heads)]
+    for (qbuf, qs, (kbuf, koff, kstride)), D in zip(parts, dims):
         krows = [kb.let(koff + key * kstride, "kr") for key in keys]
         if D // V:
             with kb.loop(0, D // V * V, step=V, name="c") as c:
@@ -198,7 +197,7 @@ def _score_tile(kb: KernelBuilder, V: int, qrows: list[E], prows: list[E], keys:
             for i, q in enumerate(qs):
                 for t, r in enumerate(krows):
                     tails[i][t] = fma(load(qbuf, q + d), load(kbuf, r + d), tails[i][t])
-    for i in range(len(qrows)):
+    for i in range(heads):
         for t in range(len(keys)):
             kb.store(sc, sc_rows[i] + col + t, (reduce_add(accs[i][t].v) + tails[i][t]) * const(scale, F32))
 
