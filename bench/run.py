@@ -11,7 +11,8 @@ routed experts, lm_head); `roof t/s` = measured read bandwidth / GB/tok; `%roof`
 rep (one pp and one tg run) sits between two bandwidth measurements and their mean is that rep's roofline; `roof
 t/s` and `%roof` are medians over the reps of the per-rep values. On a shared VM the bandwidth drifts by tens of
 percent within minutes, so one figure for the whole table, or even one per row, would misstate rows.
-Artifacts are compiled into --work once and reused. Not a test: run it on a quiet machine.
+Artifacts are compiled into --work once and reused until the dzc sources change. Not a test: run it on a quiet
+machine.
 
 llama.cpp rows (`--llama-cpp DIR`, default --work/llama.cpp; `--llama-cpp ''` skips them): bench/llama_cpp_bench.py
 downloads the llama-cpp-python sdist (it vendors llama.cpp), builds llama-bench and llama-quantize (CPU, native,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import statistics
 import sys
@@ -41,13 +43,33 @@ from typing import Callable
 import numpy as np
 
 
-def compile_if_missing(ckpt: Path, out: Path, quant, threads: int) -> Path:
-    if (out / "manifest.json").is_file():
+def compiler_digest() -> str:
+    """sha256 of the dzc sources the compiler imports: every loaded dzc package's folders (an editable install maps
+    codegen/, ir/, ... into the namespace from outside dzc/, so dzc.__path__ alone would miss them)."""
+    import dzc.codegen.compile  # noqa: F401  (with dzc.driver: the compiler's subpackages)
+    import dzc.driver  # noqa: F401
+    dirs = {Path(p) for name, m in list(sys.modules.items()) if name.split(".")[0] == "dzc"
+            for p in getattr(m, "__path__", [])}
+    h = hashlib.sha256()
+    for f in sorted({f for d in dirs for f in d.rglob("*.py")}):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def compile_if_stale(ckpt: Path, out: Path, quant, threads: int) -> Path:
+    """Reuse the artifact in `out` only if this dzc source compiled it from `ckpt` with `quant` (recorded next to it
+    in OUT.source): after a kernel change the table must not time the old code. Profiling builds are recompiled."""
+    stamp = out.parent / (out.name + ".source")
+    want = json.dumps({"dzc": compiler_digest(), "checkpoint": str(ckpt.resolve()), "quant": quant})
+    man = out / "manifest.json"
+    if man.is_file() and stamp.is_file() and stamp.read_text() == want and not json.loads(man.read_text()).get("profile"):
         return out
     from dzc.driver import compile_checkpoint
     t0 = time.time()
     print(f"compiling {ckpt.name} quant={quant} -> {out}", file=sys.stderr, flush=True)
+    stamp.unlink(missing_ok=True)
     compile_checkpoint(ckpt, out, quant=quant, threads=threads)
+    stamp.write_text(want)
     print(f"  {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
 
@@ -204,9 +226,9 @@ def main() -> int:
         if fmt == "fp8":
             if a.fp8 is None:
                 continue
-            art = compile_if_missing(a.fp8, a.work / "art-fp8", None, max(a.threads))
+            art = compile_if_stale(a.fp8, a.work / "art-fp8", None, max(a.threads))
         else:
-            art = compile_if_missing(a.bf16, a.work / f"art-{fmt}", None if fmt == "bf16" else fmt, max(a.threads))
+            art = compile_if_stale(a.bf16, a.work / f"art-{fmt}", None if fmt == "bf16" else fmt, max(a.threads))
         per_tok, total = active_bytes(art)
         for t in a.threads:
             r, bws = bracketed(t, a.reps, dzc_rep(art, t, a.pp, a.tg, vocab))
