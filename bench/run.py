@@ -31,6 +31,7 @@ If a llama.cpp step fails, one line says which (and names its log) and the table
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import json
@@ -43,6 +44,7 @@ from typing import Callable
 import numpy as np
 
 
+@functools.cache
 def compiler_digest() -> str:
     """sha256 of the dzc sources the compiler imports: every loaded dzc package's folders (an editable install maps
     codegen/, ir/, ... into the namespace from outside dzc/, so dzc.__path__ alone would miss them)."""
