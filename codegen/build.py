@@ -117,7 +117,7 @@ class OrcLibrary:
         builder = llvm.JITLibraryBuilder().add_object_file(str(obj_path))
         gomp = _GOMP[0]
         libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"):
+        for name in ("GOMP_parallel", "GOMP_barrier", "omp_get_thread_num", "omp_get_num_threads"):
             builder = builder.import_symbol(name, ctypes.cast(getattr(gomp, name), ctypes.c_void_p).value)
         libc = ctypes.CDLL(None)
         for lib, names in ((libm, ("expf", "logf", "sinf", "cosf", "sqrtf", "fmodf", "exp", "log", "sin", "cos")),

@@ -7,7 +7,7 @@ explicitly when they compute on `<16 x float>` vectors; a renderer maps lanes to
 scalarises them). Indices are i64 element offsets (not bytes).
 
 Parallelism is one marker: a top-level `Loop(parallel=True)` whose iterations may run on different threads (CPU:
-libgomp fork/join; GPU renderers: the global thread index). Its body may read only the kernel's parameters and
+a phase the libgomp team shares; GPU renderers: the global thread index). Its body may read only the kernel's parameters and
 its own loop variable, so a renderer can outline it without capturing anything else.
 
 A `Module` is what one compile produces: the kernels and, per program, the schedule (`Call`s of kernels on buffer
@@ -304,7 +304,7 @@ def float_bits(value: float) -> int:
 @dataclass
 class Loop:
     """for var in range(start, stop, step): body. `parallel` only at a kernel's top level; `grain` is the least
-    number of iterations worth a thread (the CPU renderer forks only when the trip count allows two chunks)."""
+    number of iterations worth a thread (the CPU renderer shares the loop only when the trip count allows two)."""
 
     var: str
     start: E

@@ -2,14 +2,22 @@
 
 Text rather than llvmlite's builder: function attributes such as "prefer-vector-width" and fast-math flags on
 single instructions are plain spellings here. Vector lanes map to `<N x T>`; mutable registers are allocas that
-mem2reg promotes; a parallel loop is outlined into `<kernel>.par<n>(ptr ctx)` and run through libgomp's
-`GOMP_parallel`, each thread taking one contiguous chunk of the iterations (the calling thread runs it alone when
-the trip count is below two grains). `dzc_num_threads` (an exported i32) caps the thread count.
+mem2reg promotes.
+
+Threads: an entry `dzc_<prog>` forks once, through libgomp's `GOMP_parallel`, and every thread of the team runs
+the whole schedule (`dzc_<prog>.team`). Each kernel's top-level statements are phases: a parallel loop whose trip
+count allows two grains is shared by the team (each thread a contiguous share of 7/8 of the iterations, then the
+last 1/8 claimed in pieces from a shared counter, so a thread that finishes its share first takes more of the
+tail); everything else runs on thread 0 alone. A barrier (`GOMP_barrier`) ends every shared phase and precedes
+one that follows work of thread 0 alone; back-to-back thread-0 phases need none. A decode step of a few hundred
+kernels thus pays about one 0.3 us barrier where a fork and join per parallel loop cost about 1 us, and the
+threads leave each barrier together instead of the worker waking late. `dzc_num_threads` (an exported i32) sizes
+the team.
 """
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import Callable, Optional
 
 from dzc.codegen.kir import (
     DT, E, I64, Assign, Buf, If, Kernel, Let, Local, Loop, Module, Prefetch, Store, Var, walk_expr, stmt_exprs,
@@ -38,6 +46,16 @@ def _float_lit(v: float, name: str) -> str:
         return "0xH%04X" % int(np.array(v, np.float16).view(np.uint16))
     as32 = struct.unpack("<f", struct.pack("<f", v))[0]
     return "0x%016X" % struct.unpack("<Q", struct.pack("<d", as32))[0]
+
+
+# What the entry hands the team: the buffer table, T, P and the two counters that shared phases claim tail pieces
+# from (alternately: a phase resets the counter of the next one, which nobody can touch before its end barrier).
+_CTX_TY = "{ ptr, i64, i64, [2 x i64] }"
+# Each thread's view of the team: thread id, team size, the counters, shared phases so far, and whether the last
+# phase was shared (then the threads are in step and a shared phase needs no barrier first).
+_TEAM_TY = "{ i64, i64, ptr, i64, i8 }"
+TAIL = 8           # the last 1/TAIL of a shared loop's iterations is claimed in pieces
+PIECES_PER_GRAIN = 4
 
 
 class _Fn:
@@ -91,7 +109,6 @@ class LLVMRenderer:
         self.funcs: list[str] = []
         self.fn: _Fn = _Fn()
         self.kernel: Optional[Kernel] = None
-        self.n_par = 0
 
     # ---- module -----------------------------------------------------------------------------------------------
     def render(self, module: Module) -> str:
@@ -106,19 +123,45 @@ class LLVMRenderer:
         attrs += [f'"prefer-vector-width"="{width}"', f'"min-legal-vector-width"="{width}"']
         head = [f'target triple = "{self.target.triple}"', "",
                 "@dzc_num_threads = global i32 1", "declare void @GOMP_parallel(ptr, ptr, i32, i32)",
-                "declare i32 @omp_get_thread_num()", "declare i32 @omp_get_num_threads()"]
+                "declare void @GOMP_barrier()", "declare i32 @omp_get_thread_num()",
+                "declare i32 @omp_get_num_threads()"]
         head += sorted(self.decls.values())
         tail = [f"attributes #0 = {{ nounwind {' '.join(attrs)} }}",
                 f"attributes #1 = {{ noinline nounwind {' '.join(attrs)} }}"]
         return "\n".join(head) + "\n\n" + "\n\n".join(self.funcs) + "\n\n" + "\n".join(tail) + "\n"
 
     def _entry(self, prog: str, calls: list, module: Module) -> None:
-        lines = [f"define void @dzc_{prog}(ptr %buffers, i64 %T, i64 %P) #0 {{", "entry:"]
+        """`dzc_<prog>(buffers, T, P)` forks the team once; `dzc_<prog>.team(ctx)` is what every thread runs."""
+        team = f"@dzc_{prog}.team"
+        self.funcs.append("\n".join([
+            f"define void @dzc_{prog}(ptr %buffers, i64 %T, i64 %P) #0 {{", "entry:",
+            f"  %ctx = alloca {_CTX_TY}, align 64",
+            f"  store ptr %buffers, ptr %ctx", f"  %ctx.T = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 1",
+            "  store i64 %T, ptr %ctx.T", f"  %ctx.P = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 2",
+            "  store i64 %P, ptr %ctx.P", f"  %ctx.c = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 3",
+            "  store [2 x i64] zeroinitializer, ptr %ctx.c",
+            "  %cap = load i32, ptr @dzc_num_threads", "  %many = icmp sgt i32 %cap, 1",
+            "  br i1 %many, label %fork, label %alone",
+            "fork:", f"  call void @GOMP_parallel(ptr {team}, ptr %ctx, i32 %cap, i32 0)", "  ret void",
+            "alone:", f"  call void {team}(ptr %ctx)", "  ret void", "}"]))
+        lines = [f"define internal void {team}(ptr %ctx) #0 {{", "entry:",
+                 f"  %team = alloca {_TEAM_TY}, align 8",
+                 "  %buffers = load ptr, ptr %ctx"]
+        for i, name in ((1, "T"), (2, "P")):
+            lines += [f"  %{name}.p = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 {i}",
+                      f"  %{name} = load i64, ptr %{name}.p"]
+        lines += [f"  %ctrs = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 3",
+                  "  %tid32 = call i32 @omp_get_thread_num()", "  %nth32 = call i32 @omp_get_num_threads()",
+                  "  %tid = sext i32 %tid32 to i64", "  %nth = sext i32 %nth32 to i64"]
+        for i, (t, v) in enumerate((("i64", "%tid"), ("i64", "%nth"), ("ptr", "%ctrs"), ("i64", "0"), ("i8", "1"))):
+            lines += [f"  %team.{i} = getelementptr inbounds {_TEAM_TY}, ptr %team, i32 0, i32 {i}",
+                      f"  store {t} {v}, ptr %team.{i}"]
         loaded: dict[int, str] = {}
         n = 0
-        if self.profile:   # per-call cycle counts accumulate in dzc_profile_<prog>[i] (DZC_PROFILE=1 builds)
+        if self.profile:   # thread 0's cycles per call accumulate in dzc_profile_<prog>[i] (DZC_PROFILE=1 builds)
             self.decls[f"prof.{prog}"] = f"@dzc_profile_{prog} = global [{max(1, len(calls))} x i64] zeroinitializer"
             self.decls["llvm.readcyclecounter"] = "declare i64 @llvm.readcyclecounter()"
+            lines.append("  %first = icmp eq i64 %tid, 0")
         for ci, call in enumerate(calls):
             if self.profile:
                 lines.append(f"  %c{ci}.0 = call i64 @llvm.readcyclecounter()")
@@ -133,14 +176,15 @@ class LLVMRenderer:
                 args.append(f"ptr {loaded[slot]}")
             args += ["i64 %T", "i64 %P"]
             assert len(args) == len(kernel.params), (call.kernel, len(args), len(kernel.params))
-            lines.append(f"  call void @{call.kernel}({', '.join(args)})")
+            lines.append(f"  call void @{call.kernel}({', '.join(args)}, ptr %team)")
             if self.profile:
                 lines += [f"  %c{ci}.1 = call i64 @llvm.readcyclecounter()",
+                          f"  br i1 %first, label %prof{ci}, label %next{ci}", f"prof{ci}:",
                           f"  %c{ci}.d = sub i64 %c{ci}.1, %c{ci}.0",
                           f"  %c{ci}.p = getelementptr inbounds [{len(calls)} x i64], ptr @dzc_profile_{prog}, i64 0, i64 {ci}",
                           f"  %c{ci}.o = load i64, ptr %c{ci}.p",
                           f"  %c{ci}.n = add i64 %c{ci}.o, %c{ci}.d",
-                          f"  store i64 %c{ci}.n, ptr %c{ci}.p"]
+                          f"  store i64 %c{ci}.n, ptr %c{ci}.p", f"  br label %next{ci}", f"next{ci}:"]
         lines += ["  ret void", "}"]
         self.funcs.append("\n".join(lines))
 
@@ -154,12 +198,139 @@ class LLVMRenderer:
                 self.fn.env[0][p.name] = (f"%{p.name}", I64, False)
 
     def _kernel(self, k: Kernel) -> None:
+        """A kernel run by every thread of the team: parallel loops are shared phases, runs of other top-level
+        statements are phases of thread 0 (see the module docstring)."""
         self.kernel = k
-        self.fn = _Fn()
+        self.fn = fn = _Fn()
         self._bind_params(k)
-        self._body(k.body)
+        for i, name in enumerate(("tid", "nth", "ctrs")):
+            fn.emit(f"%team.{name}.p = getelementptr inbounds {_TEAM_TY}, ptr %dzc.team, i32 0, i32 {i}")
+            fn.emit(f"%team.{name} = load {'ptr' if name == 'ctrs' else 'i64'}, ptr %team.{name}.p")
+        fn.emit(f"%team.phase = getelementptr inbounds {_TEAM_TY}, ptr %dzc.team, i32 0, i32 3")
+        fn.emit(f"%team.shared = getelementptr inbounds {_TEAM_TY}, ptr %dzc.team, i32 0, i32 4")
+        alone: list = []
+        for s in k.body:
+            if isinstance(s, Loop) and s.parallel:
+                if alone:
+                    self._thread0_phase(alone)
+                    alone = []
+                self._shared_phase(s)
+            else:
+                alone.append(s)
+        if alone:
+            self._thread0_phase(alone)
         self._finish(f"define internal void @{k.name}(" +
-                     ", ".join(f"{t} {n}" for t, n in self._signature(k)) + ") #1 {")
+                     ", ".join(f"{t} {n}" for t, n in self._signature(k)) + ", ptr %dzc.team) #1 {")
+
+    def _if(self, cond: str, then: Callable[[], None]) -> None:
+        fn = self.fn
+        yes, done = fn.label("then"), fn.label("endif")
+        fn.emit(f"br i1 {cond}, label %{yes}, label %{done}")
+        fn.start_block(yes)
+        then()
+        fn.emit(f"br label %{done}")
+        fn.start_block(done)
+
+    def _barrier(self) -> None:
+        self.fn.emit("call void @GOMP_barrier()")
+
+    def _thread0_phase(self, body: list) -> None:
+        fn = self.fn
+        first = fn.tmp("first")
+        fn.emit(f"{first} = icmp eq i64 %team.tid, 0")
+
+        def run() -> None:
+            fn.push()
+            self._body(body)
+            fn.pop()
+        self._if(first, run)
+        fn.emit("store i8 0, ptr %team.shared")
+        self._purge()
+
+    def _shared_phase(self, s: Loop) -> None:
+        """A parallel loop: shared by up to niter/grain threads (thread 0 alone below two grains)."""
+        fn = self.fn
+        self._check_closed(s)
+        start, stop = self.val(s.start), self.val(s.stop)
+        span, niter = fn.tmp("span"), fn.tmp("niter")
+        fn.emit(f"{span} = sub i64 {stop}, {start}")
+        fn.emit(f"{span}.r = add i64 {span}, {s.step - 1}")
+        fn.emit(f"{niter} = sdiv i64 {span}.r, {s.step}")
+        want, users, shared = fn.tmp("want"), fn.tmp("users"), fn.tmp("shared")
+        fn.emit(f"{want} = sdiv i64 {niter}, {max(1, s.grain)}")
+        self.decls["llvm.smin.i64"] = "declare i64 @llvm.smin.i64(i64, i64)"
+        self.decls["llvm.smax.i64"] = "declare i64 @llvm.smax.i64(i64, i64)"
+        fn.emit(f"{users}.c = call i64 @llvm.smin.i64(i64 {want}, i64 %team.nth)")
+        fn.emit(f"{users} = call i64 @llvm.smax.i64(i64 {users}.c, i64 1)")
+        fn.emit(f"{shared} = icmp sgt i64 {users}, 1")
+        # In step after a shared phase; after thread 0's work, wait for it. A shared phase resets the other
+        # counter for the next one (no thread can reach that before this phase's end barrier).
+        was = fn.tmp("was")
+        fn.emit(f"{was} = load i8, ptr %team.shared")
+        fn.emit(f"{was}.b = icmp eq i8 {was}, 0")
+        fn.emit(f"{was}.w = and i1 {shared}, {was}.b")
+        self._if(f"{was}.w", self._barrier)
+        phase, ctr = fn.tmp("phase"), fn.tmp("ctr")
+        fn.emit(f"{phase} = load i64, ptr %team.phase")
+        fn.emit(f"{phase}.s = and i64 {phase}, 1")
+        fn.emit(f"{ctr} = getelementptr inbounds i64, ptr %team.ctrs, i64 {phase}.s")
+        fn.emit(f"{phase}.o = xor i64 {phase}.s, 1")
+        fn.emit(f"{ctr}.o = getelementptr inbounds i64, ptr %team.ctrs, i64 {phase}.o")
+        fn.emit(f"{shared}.0 = icmp eq i64 %team.tid, 0")
+        fn.emit(f"{shared}.r = and i1 {shared}, {shared}.0")
+        self._if(f"{shared}.r", lambda: fn.emit(f"store i64 0, ptr {ctr}.o"))
+        active = fn.tmp("active")
+        fn.emit(f"{active} = icmp slt i64 %team.tid, {users}")
+        self._if(active, lambda: self._claimed_ranges(s, start, niter, users, shared, ctr))
+
+        def end() -> None:
+            self._barrier()
+            fn.emit(f"{phase}.n = add i64 {phase}, 1")
+            fn.emit(f"store i64 {phase}.n, ptr %team.phase")
+        self._if(shared, end)
+        fn.emit(f"{shared}.b = zext i1 {shared} to i8")
+        fn.emit(f"store i8 {shared}.b, ptr %team.shared")
+        self._purge()
+
+    def _claimed_ranges(self, s: Loop, start: str, niter: str, users: str, shared: str, ctr: str) -> None:
+        """This thread's contiguous share of (TAIL-1)/TAIL of the iterations, then pieces of the tail claimed
+        from `ctr` until none is left (alone: all iterations, no claims)."""
+        fn = self.fn
+        piece = max(1, s.grain // PIECES_PER_GRAIN)
+        part, share, lo, hi, tail = (fn.tmp(x) for x in ("part", "share", "lo", "hi", "tail"))
+        fn.emit(f"{part} = mul i64 {niter}, {TAIL - 1}")
+        fn.emit(f"{part}.d = sdiv i64 {part}, {TAIL}")
+        fn.emit(f"{share}.s = sdiv i64 {part}.d, {users}")
+        fn.emit(f"{share} = select i1 {shared}, i64 {share}.s, i64 {niter}")
+        fn.emit(f"{lo} = mul i64 %team.tid, {share}")
+        fn.emit(f"{hi} = add i64 {lo}, {share}")
+        fn.emit(f"{tail} = mul i64 {share}, {users}")
+        entry, rng = fn.block, fn.label("range")
+        fn.emit(f"br label %{rng}")
+        fn.start_block(rng)
+        rlo, rhi = fn.tmp("rlo"), fn.tmp("rhi")
+        phis = len(fn.lines)
+        fn.lines += ["", ""]
+
+        def bind(it: str) -> None:
+            x, y = fn.tmp(s.var + "."), fn.tmp()
+            fn.emit(f"{y} = mul nsw i64 {it}, {s.step}")
+            fn.emit(f"{x} = add nsw i64 {start}, {y}")
+            fn.env[-1][s.var] = (x, I64, False)
+        self._loop(s.var + "it", rlo, rhi, 1, s.body, bind=bind)
+        claim, done = fn.label("claim"), fn.label("claimed")
+        fn.emit(f"br i1 {shared}, label %{claim}, label %{done}")
+        fn.start_block(claim)
+        got, nlo, nhi, more = (fn.tmp(x) for x in ("got", "nlo", "nhi", "more"))
+        fn.emit(f"{got} = atomicrmw add ptr {ctr}, i64 {piece} monotonic")
+        fn.emit(f"{nlo} = add i64 {tail}, {got}")
+        fn.emit(f"{nhi}.e = add i64 {nlo}, {piece}")
+        fn.emit(f"{nhi} = call i64 @llvm.smin.i64(i64 {nhi}.e, i64 {niter})")
+        fn.emit(f"{more} = icmp slt i64 {nlo}, {niter}")
+        fn.emit(f"br i1 {more}, label %{rng}, label %{done}")
+        fn.lines[phis] = f"  {rlo} = phi i64 [ {lo}, %{entry} ], [ {nlo}, %{claim} ]"
+        fn.lines[phis + 1] = f"  {rhi} = phi i64 [ {hi}, %{entry} ], [ {nhi}, %{claim} ]"
+        fn.start_block(done)
 
     def _finish(self, header: str) -> None:
         fn = self.fn
@@ -174,9 +345,9 @@ class LLVMRenderer:
         fn = self.fn
         if isinstance(s, Loop):
             if s.parallel:
-                self._parallel(s)
-            else:
-                self._loop(s.var, self.val(s.start), self.val(s.stop), s.step, s.body)
+                where = self.kernel.name if self.kernel else "?"
+                raise CompileError(f"kernel {where}: a parallel loop below the top level (kir allows them only there)")
+            self._loop(s.var, self.val(s.start), self.val(s.stop), s.step, s.body)
         elif isinstance(s, Store):
             self._store(s)
         elif isinstance(s, Let):
@@ -249,93 +420,6 @@ class LLVMRenderer:
         fn.emit(f"br label %{head}")
         fn.start_block(exit_)
         self._purge()
-
-    def _parallel(self, s: Loop) -> None:
-        """Outline the loop body into `<kernel>.par<n>(ptr ctx)`; ctx = {kernel params..., start, step}."""
-        k, outer = self.kernel, self.fn
-        self._check_closed(s)
-        sig = self._signature(k)
-        fields = [t for t, _ in sig] + ["i64", "i64"]          # params, start, n_iterations
-        struct_ty = "{ " + ", ".join(fields) + " }"
-        self.n_par += 1
-        par_name = f"{k.name}.par{self.n_par}"
-        # caller side
-        start, stop = self.val(s.start), self.val(s.stop)
-        span = outer.tmp("span")
-        outer.emit(f"{span} = sub i64 {stop}, {start}")
-        niter = outer.tmp("niter")
-        if s.step == 1:
-            outer.emit(f"{niter} = add i64 {span}, 0")
-        else:
-            t = outer.tmp()
-            outer.emit(f"{t} = add i64 {span}, {s.step - 1}")
-            outer.emit(f"{niter} = sdiv i64 {t}, {s.step}")
-        ctx = f"%ctx{self.n_par}"
-        outer.allocas.append(f"{ctx} = alloca {struct_ty}, align 8")
-        for i, (t, n) in enumerate(sig + [("i64", start), ("i64", niter)]):
-            p = outer.tmp("f")
-            outer.emit(f"{p} = getelementptr inbounds {struct_ty}, ptr {ctx}, i32 0, i32 {i}")
-            outer.emit(f"store {t} {n}, ptr {p}")
-        want = outer.tmp("want")
-        outer.emit(f"{want} = sdiv i64 {niter}, {max(1, s.grain)}")
-        cap = outer.tmp("cap")
-        outer.emit(f"{cap} = load i32, ptr @dzc_num_threads")
-        cap64 = outer.tmp("cap")
-        outer.emit(f"{cap64} = sext i32 {cap} to i64")
-        nth = outer.tmp("nth")
-        outer.emit(f"{nth} = call i64 @llvm.smin.i64(i64 {want}, i64 {cap64})")
-        self.decls["llvm.smin.i64"] = "declare i64 @llvm.smin.i64(i64, i64)"
-        many = outer.tmp("many")
-        outer.emit(f"{many} = icmp sgt i64 {nth}, 1")
-        fork, alone, done = outer.label("fork"), outer.label("alone"), outer.label("joined")
-        outer.emit(f"br i1 {many}, label %{fork}, label %{alone}")
-        outer.start_block(fork)
-        nth32 = outer.tmp()
-        outer.emit(f"{nth32} = trunc i64 {nth} to i32")
-        outer.emit(f"call void @GOMP_parallel(ptr @{par_name}, ptr {ctx}, i32 {nth32}, i32 0)")
-        outer.emit(f"br label %{done}")
-        outer.start_block(alone)
-        outer.emit(f"call void @{par_name}(ptr {ctx})")
-        outer.emit(f"br label %{done}")
-        outer.start_block(done)
-        # outlined side
-        self.fn = inner = _Fn()
-        vals = []
-        for i, t in enumerate(fields):
-            p, v = inner.tmp("f"), inner.tmp("a")
-            inner.emit(f"{p} = getelementptr inbounds {struct_ty}, ptr %ctx, i32 0, i32 {i}")
-            inner.emit(f"{v} = load {t}, ptr {p}")
-            vals.append(v)
-        for (t, n), v in zip(sig, vals):
-            if t == "i64":
-                inner.env[0][n[1:]] = (v, I64, False)
-        for p, v in zip(k.params, vals):
-            if p.buf is not None:
-                inner.env[0][p.buf.name] = (v, p.buf.dtype, False)
-        pstart, piters = vals[-2], vals[-1]
-        tid, nthr = inner.tmp("tid"), inner.tmp("nth")
-        inner.emit(f"{tid} = call i32 @omp_get_thread_num()")
-        inner.emit(f"{nthr} = call i32 @omp_get_num_threads()")
-        tid64, nth64 = inner.tmp(), inner.tmp()
-        inner.emit(f"{tid64} = sext i32 {tid} to i64")
-        inner.emit(f"{nth64} = sext i32 {nthr} to i64")
-        a, chunk, lo, hi0, hi = inner.tmp(), inner.tmp("chunk"), inner.tmp("lo"), inner.tmp(), inner.tmp("hi")
-        inner.emit(f"{a} = add i64 {piters}, {nth64}")
-        inner.emit(f"{a}.m = sub i64 {a}, 1")
-        inner.emit(f"{chunk} = sdiv i64 {a}.m, {nth64}")
-        inner.emit(f"{lo} = mul i64 {tid64}, {chunk}")
-        inner.emit(f"{hi0} = add i64 {lo}, {chunk}")
-        inner.emit(f"{hi} = call i64 @llvm.smin.i64(i64 {hi0}, i64 {piters})")
-
-        def bind(it: str) -> None:
-            x = inner.tmp(s.var + ".")
-            y = inner.tmp()
-            inner.emit(f"{y} = mul nsw i64 {it}, {s.step}")
-            inner.emit(f"{x} = add nsw i64 {pstart}, {y}")
-            inner.env[-1][s.var] = (x, I64, False)
-        self._loop(s.var + "it", lo, hi, 1, s.body, bind=bind)
-        self._finish(f"define internal void @{par_name}(ptr %ctx) #0 {{")
-        self.fn = outer
 
     def _check_closed(self, s: Loop) -> None:
         """A parallel body may read only kernel params, its variable and names it defines itself."""
