@@ -208,17 +208,17 @@ class LLVMRenderer:
             fn.emit(f"%team.{name} = load {'ptr' if name == 'ctrs' else 'i64'}, ptr %team.{name}.p")
         fn.emit(f"%team.phase = getelementptr inbounds {_TEAM_TY}, ptr %dzc.team, i32 0, i32 3")
         fn.emit(f"%team.shared = getelementptr inbounds {_TEAM_TY}, ptr %dzc.team, i32 0, i32 4")
-        alone: list = []
+        serial: list = []
         for s in k.body:
             if isinstance(s, Loop) and s.parallel:
-                if alone:
-                    self._thread0_phase(alone)
-                    alone = []
+                if serial:
+                    self._thread0_phase(serial)
+                    serial = []
                 self._shared_phase(s)
             else:
-                alone.append(s)
-        if alone:
-            self._thread0_phase(alone)
+                serial.append(s)
+        if serial:
+            self._thread0_phase(serial)
         self._finish(f"define internal void @{k.name}(" +
                      ", ".join(f"{t} {n}" for t, n in self._signature(k)) + ", ptr %dzc.team) #1 {")
 
