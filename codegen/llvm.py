@@ -222,14 +222,21 @@ class LLVMRenderer:
         self._finish(f"define internal void @{k.name}(" +
                      ", ".join(f"{t} {n}" for t, n in self._signature(k)) + ", ptr %dzc.team) #1 {")
 
-    def _if(self, cond: str, then: Callable[[], None]) -> None:
+    def _if(self, cond: str, then: Callable[[], None], orelse: Optional[Callable[[], None]] = None) -> None:
         fn = self.fn
-        yes, done = fn.label("then"), fn.label("endif")
-        fn.emit(f"br i1 {cond}, label %{yes}, label %{done}")
-        fn.start_block(yes)
-        then()
-        fn.emit(f"br label %{done}")
+        yes, no, done = fn.label("then"), fn.label("else"), fn.label("endif")
+        fn.emit(f"br i1 {cond}, label %{yes}, label %{no if orelse else done}")
+        for label, emit in ((yes, then), (no, orelse)):
+            if emit is not None:
+                fn.start_block(label)
+                emit()
+                fn.emit(f"br label %{done}")
         fn.start_block(done)
+
+    def _scoped(self, body: list) -> None:
+        self.fn.push()
+        self._body(body)
+        self.fn.pop()
 
     def _barrier(self) -> None:
         self.fn.emit("call void @GOMP_barrier()")
@@ -238,12 +245,7 @@ class LLVMRenderer:
         fn = self.fn
         first = fn.tmp("first")
         fn.emit(f"{first} = icmp eq i64 %team.tid, 0")
-
-        def run() -> None:
-            fn.push()
-            self._body(body)
-            fn.pop()
-        self._if(first, run)
+        self._if(first, lambda: self._scoped(body))
         fn.emit("store i8 0, ptr %team.shared")
         self._purge()
 
@@ -365,17 +367,8 @@ class LLVMRenderer:
             fn.emit(f"store {ty(dt)} {v}, ptr {slot}")
             self._purge()
         elif isinstance(s, If):
-            c = self.val(s.cond)
-            then, other, end = fn.label("then"), fn.label("else"), fn.label("endif")
-            fn.emit(f"br i1 {c}, label %{then}, label %{other if s.orelse else end}")
-            fn.start_block(then)
-            fn.push(); self._body(s.then); fn.pop()
-            fn.emit(f"br label %{end}")
-            if s.orelse:
-                fn.start_block(other)
-                fn.push(); self._body(s.orelse); fn.pop()
-                fn.emit(f"br label %{end}")
-            fn.start_block(end)
+            orelse = (lambda: self._scoped(s.orelse)) if s.orelse else None
+            self._if(self.val(s.cond), lambda: self._scoped(s.then), orelse)
             self._purge()
         elif isinstance(s, Prefetch):
             p = self._ptr(s.buf, s.index, inbounds=False)
