@@ -52,8 +52,11 @@ def _float_lit(v: float, name: str) -> str:
 # from (alternately: a phase resets the counter of the next one, which nobody can touch before its end barrier).
 _CTX_TY = "{ ptr, i64, i64, [2 x i64] }"
 # Each thread's view of the team: thread id, team size, the counters, shared phases so far, and whether the last
-# phase was shared (then the threads are in step and a shared phase needs no barrier first).
-_TEAM_TY = "{ i64, i64, ptr, i64, i8 }"
+# phase was shared (then the threads are in step and a shared phase needs no barrier first). Values at team start.
+_TEAM = (("tid", "i64", "%tid"), ("nth", "i64", "%nth"), ("ctrs", "ptr", "%ctrs"), ("phase", "i64", "0"),
+         ("shared", "i8", "1"))
+_TEAM_TY = "{ " + ", ".join(t for _, t, _ in _TEAM) + " }"
+_READ_ONCE = ("tid", "nth", "ctrs")     # fields a kernel loads at entry; the others change phase by phase
 TAIL = 8           # the last 1/TAIL of a shared loop's iterations is claimed in pieces
 PIECES_PER_GRAIN = 4
 
@@ -136,7 +139,7 @@ class LLVMRenderer:
         self.funcs.append("\n".join([
             f"define void @dzc_{prog}(ptr %buffers, i64 %T, i64 %P) #0 {{", "entry:",
             f"  %ctx = alloca {_CTX_TY}, align 64",
-            f"  store ptr %buffers, ptr %ctx", f"  %ctx.T = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 1",
+            "  store ptr %buffers, ptr %ctx", f"  %ctx.T = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 1",
             "  store i64 %T, ptr %ctx.T", f"  %ctx.P = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 2",
             "  store i64 %P, ptr %ctx.P", f"  %ctx.c = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 3",
             "  store [2 x i64] zeroinitializer, ptr %ctx.c",
@@ -153,9 +156,9 @@ class LLVMRenderer:
         lines += [f"  %ctrs = getelementptr inbounds {_CTX_TY}, ptr %ctx, i32 0, i32 3",
                   "  %tid32 = call i32 @omp_get_thread_num()", "  %nth32 = call i32 @omp_get_num_threads()",
                   "  %tid = sext i32 %tid32 to i64", "  %nth = sext i32 %nth32 to i64"]
-        for i, (t, v) in enumerate((("i64", "%tid"), ("i64", "%nth"), ("ptr", "%ctrs"), ("i64", "0"), ("i8", "1"))):
-            lines += [f"  %team.{i} = getelementptr inbounds {_TEAM_TY}, ptr %team, i32 0, i32 {i}",
-                      f"  store {t} {v}, ptr %team.{i}"]
+        for i, (name, t, v) in enumerate(_TEAM):
+            lines += [f"  %team.{name} = getelementptr inbounds {_TEAM_TY}, ptr %team, i32 0, i32 {i}",
+                      f"  store {t} {v}, ptr %team.{name}"]
         loaded: dict[int, str] = {}
         n = 0
         if self.profile:   # thread 0's cycles per call accumulate in dzc_profile_<prog>[i] (DZC_PROFILE=1 builds)
@@ -203,11 +206,10 @@ class LLVMRenderer:
         self.kernel = k
         self.fn = fn = _Fn()
         self._bind_params(k)
-        for i, name in enumerate(("tid", "nth", "ctrs")):
+        for i, (name, t, _) in enumerate(_TEAM):
             fn.emit(f"%team.{name}.p = getelementptr inbounds {_TEAM_TY}, ptr %dzc.team, i32 0, i32 {i}")
-            fn.emit(f"%team.{name} = load {'ptr' if name == 'ctrs' else 'i64'}, ptr %team.{name}.p")
-        fn.emit(f"%team.phase = getelementptr inbounds {_TEAM_TY}, ptr %dzc.team, i32 0, i32 3")
-        fn.emit(f"%team.shared = getelementptr inbounds {_TEAM_TY}, ptr %dzc.team, i32 0, i32 4")
+            if name in _READ_ONCE:
+                fn.emit(f"%team.{name} = load {t}, ptr %team.{name}.p")
         serial: list = []
         for s in k.body:
             if isinstance(s, Loop) and s.parallel:
@@ -246,7 +248,7 @@ class LLVMRenderer:
         first = fn.tmp("first")
         fn.emit(f"{first} = icmp eq i64 %team.tid, 0")
         self._if(first, lambda: self._scoped(body))
-        fn.emit("store i8 0, ptr %team.shared")
+        fn.emit("store i8 0, ptr %team.shared.p")
         self._purge()
 
     def _shared_phase(self, s: Loop) -> None:
@@ -268,12 +270,12 @@ class LLVMRenderer:
         # In step after a shared phase; after thread 0's work, wait for it. A shared phase resets the other
         # counter for the next one (no thread can reach that before this phase's end barrier).
         was = fn.tmp("was")
-        fn.emit(f"{was} = load i8, ptr %team.shared")
+        fn.emit(f"{was} = load i8, ptr %team.shared.p")
         fn.emit(f"{was}.b = icmp eq i8 {was}, 0")
         fn.emit(f"{was}.w = and i1 {shared}, {was}.b")
         self._if(f"{was}.w", self._barrier)
         phase, ctr = fn.tmp("phase"), fn.tmp("ctr")
-        fn.emit(f"{phase} = load i64, ptr %team.phase")
+        fn.emit(f"{phase} = load i64, ptr %team.phase.p")
         fn.emit(f"{phase}.s = and i64 {phase}, 1")
         fn.emit(f"{ctr} = getelementptr inbounds i64, ptr %team.ctrs, i64 {phase}.s")
         fn.emit(f"{phase}.o = xor i64 {phase}.s, 1")
@@ -288,10 +290,10 @@ class LLVMRenderer:
         def end() -> None:
             self._barrier()
             fn.emit(f"{phase}.n = add i64 {phase}, 1")
-            fn.emit(f"store i64 {phase}.n, ptr %team.phase")
+            fn.emit(f"store i64 {phase}.n, ptr %team.phase.p")
         self._if(shared, end)
         fn.emit(f"{shared}.b = zext i1 {shared} to i8")
-        fn.emit(f"store i8 {shared}.b, ptr %team.shared")
+        fn.emit(f"store i8 {shared}.b, ptr %team.shared.p")
         self._purge()
 
     def _claimed_ranges(self, s: Loop, start: str, niter: str, users: str, shared: str, ctr: str) -> None:

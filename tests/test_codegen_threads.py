@@ -7,7 +7,7 @@ import pytest
 
 from dzc.codegen.builder import KernelBuilder
 from dzc.codegen.jit import JitModule
-from dzc.codegen.kir import I32, I64, Call, Module, cast, const, load
+from dzc.codegen.kir import I32, Call, Module, cast, const, load
 
 
 def _count(grain: int):
