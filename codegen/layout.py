@@ -8,6 +8,10 @@ A weight [.., N, K] (leading dims flatten into rows; 1-D weights are one row) is
         element j in its low half and element j + V in its high one, so one load of V words yields both vectors
         with one shift (w << 16) and one mask (w & 0xFFFF0000): no widening shuffle, which competes with the fma
         for the vector ports (bf16 decode 1.2x on Emerald Rapids)
+        striped (`stripe` = S rows, paired matrices whose N is whole stripes): data u16[N/S, K/2V, S, 2V], the
+        2V-element chunks of a stripe's rows side by side, so a GEMV tile of S rows reads one contiguous range
+        (one hardware-prefetch stream, not S): isolated GEMVs over 1 GB of matrices streamed 1.02-1.07x faster
+        than over plain paired rows, bf16 model decode 1.03x (Emerald Rapids, 2 threads, paired A/B)
   f16   data f16[N, K]
   fp8   data u8[N, K] e4m3 codes            scale f32[ceil(N/br), ceil(K/bc)] = block scale * 256
         (kernels sign-extend a code to 16 bits, shift left 7 and clear bit 14: the f16 with the same exponent
@@ -58,6 +62,7 @@ class Packed:
     scale: str = ""            # f32 | f16
     tile: int = 0              # rows interleaved per tile for integer dot products (0: plain rows)
     pair: int = 0              # bf16: lanes V of the paired layout (0: plain rows)
+    stripe: int = 0            # paired bf16: rows whose chunks are stored together (0: row after row)
 
     @property
     def data_dt(self) -> DT:
@@ -108,11 +113,12 @@ class Packed:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "group": self.group, "rblock": self.rblock, "scale": self.scale, "tile": self.tile,
-                "pair": self.pair}
+                "pair": self.pair, "stripe": self.stripe}
 
     def __str__(self) -> str:
         text = self.kind + (f"/{self.rblock}x{self.group}:{self.scale}" if self.group else "")
-        return text + (f"/t{self.tile}" if self.tile else "") + (f"/p{self.pair}" if self.pair else "")
+        return (text + (f"/t{self.tile}" if self.tile else "") + (f"/p{self.pair}" if self.pair else "")
+                + (f"/s{self.stripe}" if self.stripe else ""))
 
 
 VNNI_TILE = 16
@@ -121,15 +127,22 @@ VNNI_TILE = 16
 def for_target(pk: Packed, target, act: int, shape: tuple) -> Packed:
     """`pk`, row-tiled when the target has int8 dot products and the consumers quantize their input (act=8). A
     batch of matrices ([B, N, K], tiled as one [B*N, K]) only when N is whole tiles: no tile mixes two matrices.
-    bf16 matrices are paired on CPU targets where K is whole pairs of vectors."""
+    bf16 matrices are paired on CPU targets where K is whole pairs of vectors, and striped by the rows of a decode
+    GEMV tile (gemv_rows) where N is whole stripes."""
     V = target.vector_width
     if pk.kind == "bf16" and target.name == "cpu" and len(shape) >= 2 and int(shape[-1]) % (2 * V) == 0:
-        return dataclasses.replace(pk, pair=V)
+        S = gemv_rows(target)
+        return dataclasses.replace(pk, pair=V, stripe=S if int(shape[-2]) % S == 0 else 0)
     if len(shape) > 2 and int(shape[-2]) % VNNI_TILE:
         return pk
     if act == 8 and pk.kind in ("i8", "i4") and pk.group % 32 == 0 and getattr(target, "int8_dot", False):
         return dataclasses.replace(pk, tile=VNNI_TILE)
     return pk
+
+
+def gemv_rows(target) -> int:
+    """Weight rows per decode GEMV tile: one accumulator each, 8 where the target has 32 vector registers."""
+    return 8 if target.vector_regs >= 32 else 4
 
 
 def rows_cols(shape: tuple) -> tuple[int, int]:
@@ -210,7 +223,7 @@ def pack_weight(store, ref: WeightRef, shape: tuple, chosen: Optional[Packed] = 
     fmt = enc[0] if enc else ref.fmt
     pk = packed_format(fmt, parts, shape)
     if chosen is not None:
-        pk = dataclasses.replace(pk, tile=chosen.tile, pair=chosen.pair)
+        pk = dataclasses.replace(pk, tile=chosen.tile, pair=chosen.pair, stripe=chosen.stripe)
     N, K = rows_cols(shape)
     if pk.kind in ("bf16", "f16") and parts:
         for a in parts.values():
@@ -284,11 +297,13 @@ def pack_array(pk: Packed, w: np.ndarray, parts: Optional[Mapping[str, np.ndarra
 
 
 def _paired(pk: Packed, data: np.ndarray) -> np.ndarray:
-    """bf16 codes [N, K] in the paired layout (module doc) when `pk.pair`, else as they are."""
+    """bf16 codes [N, K] in the paired (and striped) layout (module doc) when `pk.pair`, else as they are."""
     if not pk.pair:
         return data
     N, K, V = data.shape[0], data.shape[1], pk.pair
-    return np.ascontiguousarray(data.reshape(N, K // (2 * V), 2, V).transpose(0, 1, 3, 2)).reshape(N, K)
+    S = pk.stripe or 1
+    chunks = data.reshape(N // S, S, K // (2 * V), 2, V).transpose(0, 2, 1, 4, 3)    # [stripe, chunk, row, V, 2]
+    return np.ascontiguousarray(chunks).reshape(N, K)
 
 
 def _tiled(pk: Packed, q: np.ndarray, sc: np.ndarray, K: int) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from dzc.codegen.kernels import moe as moe_k
 from dzc.codegen.kernels.int8_dot import FakeQuant, QRows, quantize_row, weight_offset
 from dzc.codegen.kernels.linear import batched_gemv, gemm, gemm_panel, gemv, panel_formats
 from dzc.codegen.kernels.weights import WeightAccess
-from dzc.codegen.layout import for_target, packed_format
+from dzc.codegen.layout import for_target, gemv_rows, packed_format
 from dzc.codegen.lower import KC, Lowerer, elementwise, expand, handles, permute, reshape, shape_of, slice_
 from dzc.codegen.poly import Poly
 from dzc.codegen.values import Lazy, View, WeightVal, broadcast_index, kdt
@@ -208,7 +208,7 @@ def _linear(low: Lowerer, node: Node):
         xb, xo, xse = kc.buf(round_rows(low, kc, M, K, lambda m: (xb, xo + m * xse), "x_a8").slot), kir.i64(0), kir.i64(K)
     if M == 1:
         # 8 weight rows per tile where 32 vector registers hold them: more streams in flight (bf16 decode +15%)
-        gemv(kb, V, (xb, xo), wa, N, K, lambda n, v: kb.store(yb, yo + n, v), NR=8 if low.target.vector_regs >= 32 else 4)
+        gemv(kb, V, (xb, xo), wa, N, K, lambda n, v: kb.store(yb, yo + n, v), NR=gemv_rows(low.target))
     elif panel_formats(wa, V) and low.target.name == "cpu" and low.target.vector_regs >= 32:
         gemm_panel(kb, V, M.expr(), lambda m: (xb, xo + m * xse), wa, N, K, (yb, lambda m: yo + m * N))
     else:
@@ -251,7 +251,7 @@ def _batched_linear(low: Lowerer, node: Node):
         rows = round_rows(low, kc, M * B, K, row, "x_a8")
         xb, xo, sb, sm = kc.buf(rows.slot), kir.i64(0), Me * K, kir.i64(K)
     batched_gemv(kb, low.V, Me, lambda b, m: (xb, xo + b * sb + m * sm), wa, N, K, store,
-                 NR=8 if low.target.vector_regs >= 32 else 4)
+                 NR=gemv_rows(low.target))
     low.emit(kc)
     return dest
 
@@ -319,8 +319,9 @@ def _moe(low: Lowerer, node: Node):
                                   act_rows(low, kc, k, I, off, "moe_hq"))
         else:
             rounded = kc.buf(low.scratch(F32, H, "moe_x_a8")) if act else None
-            wide = low.target.vector_regs >= 32
-            moe_k.moe_decode(*args, kc.buf(low.scratch(F32, k * I, "moe_h")), rounded, 4 if wide else 2, 8 if wide else 4)
+            rows = gemv_rows(low.target)       # striped gate/up: a tile reads a whole stripe of each
+            moe_k.moe_decode(*args, kc.buf(low.scratch(F32, k * I, "moe_h")), rounded,
+                             gate.packed.stripe or rows // 2, rows)
         low.emit(kc)
         return dest
     Te = T.expr()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dzc.checkpoint.dtypes import f32_to_bf16
-from dzc.codegen.layout import Packed, for_target, pack_array
+from dzc.codegen.layout import Packed, for_target, gemv_rows, pack_array
 from dzc.codegen.runner import NativeProgram
 from dzc.codegen.target import Target, host_target
 from dzc.ir import quant
@@ -157,9 +157,9 @@ def test_take_topk_ties():
 
 # ---- linear (every format, GEMV and GEMM) and matmul ---------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", list(FORMATS))
-# the last two: K whole vector pairs (paired bf16 rows)
+# the last four: K whole vector pairs (paired bf16 rows), the last two also N whole stripes
 @pytest.mark.parametrize("n,K,N", [(1, 45, 1), (1, 61, 19), (1, 301, 37), (7, 200, 13), (7, 37, 130), (19, 600, 45),
-                                   (1, 256, 37), (19, 288, 45)])
+                                   (1, 256, 37), (19, 288, 45), (1, 256, 40), (19, 288, 48)])
 def test_linear(fmt, n, K, N):
     store = Store()
     f = store.add("w", f32(N, K) * 0.2, FORMATS[fmt])
@@ -169,16 +169,28 @@ def test_linear(fmt, n, K, N):
 
 def test_bf16_pairs_bytes_are_as_documented():
     """codegen/layout.py: with pair = V, 32-bit word j of each 2V elements holds element j low, element j+V high;
-    K that is not whole pairs stays plain, and only CPU targets pair."""
+    K that is not whole pairs stays plain, and only CPU targets pair. N that is whole stripes of S rows is stored
+    [N/S, K/2V, S, 2V]: the chunks of a stripe's rows side by side."""
     V = host_target().vector_width
     w = f32(3, 4 * V)
     pk = for_target(Packed("bf16"), host_target(), 0, w.shape)
-    assert pk.pair == V and for_target(Packed("bf16"), host_target(), 0, (3, 4 * V + 2)).pair == 0
+    assert pk.pair == V and pk.stripe == 0 and for_target(Packed("bf16"), host_target(), 0, (3, 4 * V + 2)).pair == 0
     words = pack_array(pk, w)["data"].view(np.uint32)
     plain = f32_to_bf16(w).astype(np.uint32)
     for c in range(2):
         for j in range(V):
             assert words[1, c * V + j] == plain[1, 2 * c * V + j] | plain[1, 2 * c * V + V + j] << 16
+    S = gemv_rows(host_target())
+    w = f32(2 * S, 4 * V)
+    pk = for_target(Packed("bf16"), host_target(), 0, w.shape)
+    assert pk.stripe == S
+    words = pack_array(pk, w)["data"].view(np.uint32).reshape(-1)
+    plain = f32_to_bf16(w).astype(np.uint32)
+    for n in (0, S - 1, S + 2):
+        for c in range(2):
+            for j in range(V):
+                at = ((n // S * 2 + c) * S + n % S) * V + j
+                assert words[at] == plain[n, 2 * c * V + j] | plain[n, 2 * c * V + V + j] << 16
 
 
 def e4m3_values() -> np.ndarray:

@@ -33,7 +33,7 @@ def _prefetch(kb: KernelBuilder, rows: Sequence[WRow], k: E, elems: int) -> None
         per_line = max(1, int(64 / width))
         for i in range(max(1, int(nbytes // 64))):
             kk = k + i * per_line
-            kb.prefetch(wa.data, wa._row(e, n) + (kk if wa.pk.kind != "i4" else kk // 2))
+            kb.prefetch(wa.data, wa.at(e, n, kk))
 
 
 def dot_tile(kb: KernelBuilder, V: int, xrows: Sequence[tuple[Buf, E]], wrows: Sequence[WRow], K: int,
@@ -244,7 +244,7 @@ def xw_row(kb: KernelBuilder, V: int, a: Callable[[E], E], wa: WeightAccess, e: 
         with kb.loop(0, Kd, name="k") as k:
             if wa.pk.kind != "i4":      # this pass's columns XW_AHEAD rows on (1.2x on MLA-shaped weights)
                 for j in range(group[0], group[-1] + V, max(1, 64 // wa.pk.data_dt.itemsize)):
-                    kb.prefetch(wa.data, wa._row(e, k + XW_AHEAD) + j)
+                    kb.prefetch(wa.data, wa.at(e, k + XW_AHEAD, j - j % wa.chunk(V)))
             ak = kb.let(a(k), "a")
             scaled: dict[int, E] = {}      # per scale group: a(k) * scale, so no vector multiply per weight vector
             for r, c0 in zip(accs, group):

@@ -30,6 +30,24 @@ class WeightAccess:
     def _row(self, e: Operand, n: Operand) -> E:
         return (e * self.N + n) * self.row_len if not (isinstance(e, int) and e == 0) else n * self.row_len
 
+    def at(self, e: Operand, n: Operand, k: Operand) -> E:
+        """Index into `data` of row n's element k, for k a multiple of chunk(V) (any k in unpaired layouts; i4:
+        the byte of k's group half)."""
+        if self.pk.stripe:
+            return self.words_at(e, n, k) * 2
+        return self._row(e, n) + (k // 2 if self.pk.kind == "i4" else k)
+
+    def words_at(self, e: Operand, n: Operand, k: Operand) -> E:
+        """Paired bf16: index into `data` as 32-bit words of row n's chunk at k (a multiple of 2V). Striped, written
+        without dividing the sum by 2, so the k loop's addresses stay one add (LLVM cannot see the sum is even)."""
+        if not self.pk.stripe:
+            return (self._row(e, n) + k) // 2
+        S, V = self.pk.stripe, self.pk.pair
+        r = e * self.N + n if not (isinstance(e, int) and e == 0) else n
+        # masks, not division: for rows n0 + i of a stripe-aligned tile LLVM folds both to n0 and i
+        row = r & (S - 1)
+        return (r - row) * (self.K // 2) + k * (S // 2) + row * V       # a stripe's chunk is S*2V elements
+
     def scale(self, e: Operand, n: Operand, g: Operand) -> E:
         rb = self.pk.rblock
         row = n if rb == 1 else n // rb
@@ -49,7 +67,7 @@ class WeightAccess:
         if not self.pk.pair:
             return [self.raw_vec(e, n, k, V)]
         assert V == self.pk.pair, (V, self.pk.pair)
-        words = load(Buf(self.data.name, U32, self.data.local), (self._row(e, n) + k) // 2, V)
+        words = load(Buf(self.data.name, U32, self.data.local), self.words_at(e, n, k), V)
         return [bitcast(words << const(16, U32), F32.vec(V)), bitcast(words & const(0xFFFF0000, U32), F32.vec(V))]
 
     def raw_vec(self, e: Operand, n: Operand, k: Operand, lanes: int, half: int = 0) -> E:
@@ -66,8 +84,10 @@ class WeightAccess:
             if self.pk.pair:
                 V = self.pk.pair
                 k = _lift(k, None)
-                k = k - k % (2 * V) + k % V * 2 + k % (2 * V) // V
-            w = cast(load(self.data, base + k, lanes), U32.vec(lanes)) << const(16, U32)
+                idx = self.at(e, n, k - k % (2 * V)) + k % V * 2 + k % (2 * V) // V
+            else:
+                idx = base + k
+            w = cast(load(self.data, idx, lanes), U32.vec(lanes)) << const(16, U32)
             return bitcast(w, F32.vec(lanes))
         if kind == "f16":
             return cast(load(self.data, base + k, lanes), F32.vec(lanes))
